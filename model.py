@@ -1,0 +1,266 @@
+"""
+A GPT language model in one file, in the lineage of nanoGPT's model.py, with a KV cache
+and batched sampling over prompts of different lengths.
+
+References: GPT-2 (Radford et al., 2019); nanoGPT (Karpathy). What differs from nanoGPT:
+- forward returns logits for *all* positions: reward models and PPO score every token;
+- batches are left-padded and carry a mask of real tokens, from which each row gets its
+  own positions (0 at its first real token), so a padded prompt behaves exactly like the
+  same prompt alone;
+- a KV cache for generation (`use_cache=False` recomputes everything, for tests/bench).
+
+Notation used in the shape comments:
+    B batch, T time (sequence length), C channels (n_embd), V vocabulary size,
+    nh number of heads, hs head size (C // nh).
+"""
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, allowed, kv=None):
+        # x: (B, T, C); allowed: (B, 1, T, Tk) bool, True where a query may attend to a key;
+        # kv: this layer's slice of the KV cache, or None. Tk = past + T.
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, nh, Tk, hs): past keys/values followed by these
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, allowed, kv=None):
+        x = x + self.resid_dropout(self.attn(self.ln_1(x), allowed, kv))  # pre-norm residual blocks (GPT-2)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of all layers for the positions seen so far, plus the mask of real
+    tokens and the count of real tokens per row (the next position id of each row)."""
+
+    def __init__(self, config, B, T_max, device, dtype=torch.float32):
+        hs = config.n_embd // config.n_head
+        self.k = torch.zeros(config.n_layer, B, config.n_head, T_max, hs, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.mask = torch.zeros(B, T_max, dtype=torch.bool, device=device)
+        self.t = 0          # positions filled so far (shared by all rows: the batch is left-padded)
+        self.layer = 0      # which layer the next update() writes
+
+    def update(self, k, v):
+        # k, v: (B, nh, T, hs) of the new positions; returns all keys/values up to them
+        T, i = k.size(2), self.layer
+        self.k[i, :, :, self.t:self.t + T] = k
+        self.v[i, :, :, self.t:self.t + T] = v
+        self.layer += 1
+        return self.k[i, :, :, :self.t + T], self.v[i, :, :, :self.t + T]
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256     # longest sequence (prompt + response) in tokens
+    vocab_size: int = 512     # our BPE; 50261 for GPT-2's encoding plus our specials
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0      # 0 for this data size; RL turns it off in any case
+    bias: bool = True         # bias in Linears and LayerNorms, as GPT-2
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf, 2017)
+        self.apply(self._init_weights)
+        # GPT-2 init: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def hidden(self, idx, mask=None, cache=None):
+        """Final hidden states (B, T, C) of tokens idx (B, T). mask (B, T) is True at real
+        tokens (False at padding); with a cache, idx continues the cached positions."""
+        B, T = idx.size()
+        mask = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
+        t0 = cache.t if cache is not None else 0
+        if cache is not None:
+            cache.mask[:, t0:t0 + T] = mask
+            mask_k = cache.mask[:, :t0 + T]  # (B, Tk) real keys, past and present
+            past = cache.mask[:, :t0].sum(1, keepdim=True)  # (B, 1) real tokens before idx
+        else:
+            mask_k, past = mask, 0
+        pos = (past + mask.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
+        assert pos.max() < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
+        # A query attends to earlier real keys; it may always attend to itself, so that padding
+        # queries (whose outputs nobody reads) do not produce NaNs from an empty softmax.
+        q_idx = torch.arange(t0, t0 + T, device=idx.device)[:, None]  # (T, 1)
+        k_idx = torch.arange(t0 + T, device=idx.device)[None, :]      # (1, Tk)
+        allowed = (k_idx <= q_idx) & (mask_k[:, None, :] | (k_idx == q_idx))  # (B, T, Tk)
+        allowed = allowed[:, None]  # (B, 1, T, Tk), broadcast over heads
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, allowed, cache)
+        if cache is not None:
+            cache.t, cache.layer = t0 + T, 0
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, mask=None, cache=None):
+        """Logits (B, T, V) at every position, and the mean cross-entropy against targets
+        (B, T) where targets != -1 (None without targets)."""
+        logits = self.lm_head(self.hidden(idx, mask, cache))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95)):
+        # weight decay on 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eot, pad, temperature=1.0, top_k=None,
+                 generator=None, use_cache=True):
+        """Sample a response for each prompt (a list of token-id lists of any lengths).
+
+        Prompts are left-padded with `pad` so that all rows end at the same index P and
+        every new token is appended at the same column. Each row stops after it emits
+        `eot` (later columns are `pad`). Returns
+            idx       (B, P + N) prompt and response tokens,
+            resp_mask (B, P + N) True at response tokens (the eot included); the mask of
+                      real tokens is then (idx != pad) | resp_mask,
+            logprobs  (B, P + N) log-prob of each response token under the sampling
+                      distribution (temperature and top-k applied), 0 elsewhere.
+        """
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        assert P + max_new_tokens <= self.config.block_size, "prompt + max_new_tokens exceeds block_size"
+        idx = torch.full((B, P), pad, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask = idx != pad  # (B, P)
+        resp_mask = torch.zeros_like(mask)
+        logprobs = torch.zeros(B, P, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = KVCache(self.config, B, P + max_new_tokens, device, self.lm_head.weight.dtype) if use_cache else None
+        x, x_mask = idx, mask  # what the next forward pass reads
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(x, mask=x_mask, cache=cache)
+            else:
+                logits, _ = self(idx, mask=mask)  # recompute the whole context every step
+            logits = logits[:, -1, :].float()  # (B, V) next-token logits
+            if temperature > 0:
+                logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            logp = F.log_softmax(logits, dim=-1)  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            lp = torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
+            idx = torch.cat([idx, nxt[:, None]], 1)
+            mask = torch.cat([mask, ~done[:, None]], 1)
+            resp_mask = torch.cat([resp_mask, ~done[:, None]], 1)
+            logprobs = torch.cat([logprobs, lp[:, None]], 1)
+            x, x_mask = nxt[:, None], ~done[:, None]
+            done = done | (nxt == eot)
+            if done.all():
+                break
+        return idx, resp_mask, logprobs
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log p(tokens[:, t] | tokens[:, :t]) from the logits of the same sequence: the logit
+    at position t scores token t+1, so the result at column t uses logits[:, t-1].
+    logits (B, T, V), tokens (B, T) -> (B, T), column 0 is 0 (nothing predicts it)."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return F.pad(lp, (1, 0))
+
+
+def pick_device(device="auto"):
+    """cuda -> mps -> cpu, unless a device is named."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA GPUs that support it; full fp32 elsewhere."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,201 @@
+"""
+PPO for a language model, with either a dense (fine-grained) or a final (sequence) reward.
+
+Each iteration: the policy samples a response per prompt (KV cache); the frozen SFT
+reference scores the same tokens; every response token t gets the reward
+
+    r_t = -beta * (log pi(y_t) - log pi_ref(y_t))            per-token KL penalty
+          + token RM reward r_t                                fine-grained PPO (dense)
+          + sequence RM score, on the <|endoftext|> token only standard PPO (final)
+
+then GAE turns rewards and values into advantages and the clipped PPO objective is
+optimised for a few epochs over minibatches (Schulman et al., 2017; names as in
+CleanRL's ppo.py; the LM specifics follow Ouyang et al. 2022 and Huang et al. 2022,
+"The 37 implementation details of PPO" / "N implementation details of RLHF").
+
+Alignment. All per-token tensors are (B, T) over the full sequence (prompt + response)
+and indexed by the *action* token: column t holds log pi(idx[t] | idx[<t]) and the value
+of the state before idx[t] — both read from the model at position t-1, because the
+logit at position t scores token t+1. `mask` (B, T) is True on response tokens only.
+
+Choices and simplifications, said plainly:
+- The value function is a linear head on the policy's own trunk (one forward pass gives
+  logits and values, which halves the compute on a 2-core CPU); its gradients reach the
+  trunk scaled by vf_coef. A separate critic is more robust at scale.
+- Responses cut at max_new_tokens without <|endoftext|> are treated the same way for both
+  methods: the last generated token is terminal (no bootstrap), and it gets the reward the
+  method gives at the end (the sequence RM score, read at that last token) plus
+  `trunc_penalty`.
+- No reward whitening across batches, no adaptive KL controller, no entropy bonus, no
+  minibatch-size-independent normalisation beyond masked means.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import token_logprobs
+
+
+@dataclass
+class PPOConfig:
+    ppo_iters: int = 60         # policy updates (each one rollout batch)
+    rollout_batch: int = 64     # prompts sampled per iteration
+    ppo_epochs: int = 2         # passes over each rollout batch
+    minibatch: int = 16         # sequences per gradient step
+    ppo_lr: float = 2e-5
+    beta: float = 0.05          # weight of the per-token KL penalty to the SFT reference
+    gamma: float = 1.0          # discount; 1 for episodic text
+    lam: float = 0.95           # GAE lambda
+    clip_eps: float = 0.2       # policy ratio clip
+    clip_vf: float = 0.2        # value clip, around the rollout's values
+    vf_coef: float = 0.1        # value loss weight (the head shares the policy trunk)
+    ppo_grad_clip: float = 1.0
+    temperature: float = 1.0    # the same in rollout, reference and training passes
+    trunc_penalty: float = -1.0  # added at the last token of a response cut at the length limit
+
+
+class ActorCritic(nn.Module):
+    """The policy GPT plus a scalar value head on its final hidden states."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+        self.v_head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.v_head.weight)  # start from V = 0 so early advantages are the rewards
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, idx, mask, temperature=1.0):
+        """Action log-probs and values, both (B, T), aligned to action tokens (see docstring);
+        plus the logits (B, T, V) for the entropy."""
+        h = self.gpt.hidden(idx, mask)  # (B, T, C)
+        logits = self.gpt.lm_head(h)  # (B, T, V)
+        values = F.pad(self.v_head(h).squeeze(-1)[:, :-1], (1, 0))  # (B, T): V(state before idx[t])
+        return token_logprobs(logits, idx, temperature), values.float(), logits
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, eps=1e-8):
+    """Zero mean, unit variance over the valid tokens; 0 at masked positions."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation (Schulman et al., 2016) on (B, T) tensors:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+
+    where t+1 is the next *valid* token of the row (V = 0 and A = 0 after the last one).
+    Masked positions get A = 0 and are skipped: their rewards and values never reach a
+    valid token, even if they are NaN. Returns (advantages, returns = A + V)."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros(B, device=rewards.device)
+    nextvalue = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(T)):
+        m = mask[:, t].bool()
+        delta = rewards[:, t] + gamma * nextvalue - values[:, t]
+        gae = delta + gamma * lam * lastgaelam
+        lastgaelam = torch.where(m, gae, lastgaelam)  # carry across masked positions unchanged
+        nextvalue = torch.where(m, values[:, t], nextvalue)
+        advantages[:, t] = torch.where(m, gae, 0.0)
+    returns = torch.where(mask.bool(), advantages + values, 0.0)
+    return advantages, returns
+
+
+def kl_penalty_rewards(logp, ref_logp, mask, beta):
+    """-beta * (log pi - log pi_ref) per response token (the k1 estimator of the KL)."""
+    return torch.where(mask.bool(), -beta * (logp - ref_logp), 0.0)
+
+
+def final_token_rewards(scores, mask):
+    """A (B, T) tensor with scores (B,) placed on the last response token (the eot itself)."""
+    last = mask.size(1) - 1 - mask.flip(1).int().argmax(1)  # (B,)
+    out = torch.zeros(mask.shape, device=scores.device)
+    out[torch.arange(mask.size(0)), last] = scores
+    return out * mask
+
+
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip_eps=0.2, clip_vf=0.2):
+    """Clipped policy loss and clipped value loss over valid tokens, with CleanRL's stats."""
+    logratio = logp - old_logp
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)  # pessimistic bound
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_vf, clip_vf)
+    v_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        stats = {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(),
+                 "approx_kl": masked_mean((ratio - 1) - logratio, mask).item(),  # k3, Schulman 2020
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item()}
+    return pg_loss, v_loss, stats
+
+
+def entropy(logits, mask, temperature=1.0):
+    """Mean entropy of the next-token distributions that produced the valid tokens."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V) position t-1 -> token t
+    ent = -(logp.exp() * logp).sum(-1)  # (B, T-1)
+    return masked_mean(F.pad(ent, (1, 0)), mask)
+
+
+@torch.no_grad()
+def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, generator=None):
+    """Sample responses and compute everything the update needs, as a dict of (B, T) tensors.
+    reward_fn(idx, real_mask, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
+    policy.eval()  # no dropout in any model during RL
+    idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
+                                            temperature=cfg.temperature, generator=generator)
+    real = (idx != pad) | resp_mask  # (B, T) real tokens: prompt and response
+    logp, values, _ = policy(idx, real, cfg.temperature)  # recomputed, not taken from sampling
+    ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, cfg.temperature)
+    mask = resp_mask.float()
+    kl = torch.where(resp_mask, logp - ref_logp, 0.0)
+    score = reward_fn(idx, real, resp_mask)  # (B, T)
+    truncated = ~(idx == eot).any(1)  # (B,) no <|endoftext|> within the limit
+    score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, mask)
+    rewards = kl_penalty_rewards(logp, ref_logp, mask, cfg.beta) + score
+    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # returns before whitening
+    advantages = whiten(advantages, mask)
+    return dict(idx=idx, real=real, mask=mask, logp=logp, values=values, rewards=rewards,
+                advantages=advantages, returns=returns,
+                stats={"reward": (score.sum(1)).mean().item(), "kl": kl.sum(1).mean().item(),
+                       "length": mask.sum(1).mean().item(), "truncated": truncated.float().mean().item()})
+
+
+def update(policy, optimizer, batch, cfg, generator=None):
+    """Several epochs of clipped PPO over minibatches of a rollout; mean stats of the last epoch."""
+    policy.eval()  # dropout stays off: the ratio must be exactly 1 before the first step
+    B = batch["idx"].size(0)
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator)
+        stats = []
+        for start in range(0, B, cfg.minibatch):
+            mb = perm[start:start + cfg.minibatch]
+            mb_mask = batch["mask"][mb]
+            logp, values, logits = policy(batch["idx"][mb], batch["real"][mb], cfg.temperature)
+            pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
+                                          batch["values"][mb], batch["returns"][mb], mb_mask,
+                                          cfg.clip_eps, cfg.clip_vf)
+            loss = pg_loss + cfg.vf_coef * v_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite PPO loss ({loss.item()})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo_grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                s["entropy"] = entropy(logits, mb_mask, cfg.temperature).item()
+            stats.append(s)
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    b_returns, b_values, m = batch["returns"], batch["values"], batch["mask"].bool()
+    var_y = b_returns[m].var()
+    out["explained_var"] = float("nan") if var_y == 0 else (1 - (b_returns[m] - b_values[m]).var() / var_y).item()
+    return out

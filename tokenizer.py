@@ -1,0 +1,161 @@
+"""
+Byte-level BPE tokenizer, trained on our toy corpus and served by tiktoken.
+
+Split text into chunks with GPT-2's regex (merges never cross a word / number /
+punctuation boundary), start from the 256 single bytes, repeatedly merge the most
+frequent adjacent pair into a new token. Training is the short loop below; encoding
+is done by tiktoken (Rust) from the learned {token_bytes: rank} table, with four
+special tokens appended after the merges.
+References: Sennrich et al. 2016 (BPE for subwords); Radford et al. 2019 (GPT-2:
+byte-level BPE + split pattern); Karpathy's minbpe.
+
+Usage:
+    enc = get_tokenizer("bpe", texts=corpus, path="out/bpe.tiktoken")
+    ids = enc.encode_ordinary(user_text)    # plain text: specials are NOT parsed
+    sp = special_ids(enc)                   # callers insert special ids directly:
+    # [sp["<|user|>"]] + ids(prompt) + [sp["<|assistant|>"]] + ids(response) + [sp["<|endoftext|>"]]
+
+Why encode_ordinary: user text may literally contain "<|endoftext|>". Parsing it
+as a special would let data inject control tokens; tiktoken's plain `encode`
+would raise. encode_ordinary treats it as ordinary bytes, and decode round-trips.
+"""
+import base64
+import os
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+
+# chat format: <|user|>prompt<|assistant|>response<|endoftext|>
+# <|pad|> is distinct from <|endoftext|> so PPO can mask padding without hiding real EOS.
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|pad|>"]
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _merge_chunk(parts: list[bytes], ranks: dict[bytes, int]) -> list[bytes]:
+    # tiktoken's algorithm: repeatedly merge the adjacent pair whose concatenation has
+    # the lowest rank (leftmost on ties) until no adjacent pair forms a known token.
+    while len(parts) > 1:
+        r, i = min((ranks.get(a + b, float("inf")), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if r == float("inf"):
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
+def train_bpe(texts: list[str], vocab_size: int = 512) -> dict[bytes, int]:
+    """Learn vocab_size - 256 - len(SPECIALS) merges (fewer if no pair repeats); returns {token_bytes: rank}."""
+    n_merges = vocab_size - 256 - len(SPECIALS)
+    assert n_merges >= 0, f"vocab_size must be >= {256 + len(SPECIALS)}"
+    # work on unique chunks with counts: even 1 MB of English has only ~10^4 distinct chunks
+    counts = Counter(c for t in texts for c in regex.findall(GPT2_PAT, t))
+    chunks = [[[bytes([b]) for b in c.encode("utf-8")], n] for c, n in counts.items()]
+    ranks = {bytes([i]): i for i in range(256)}
+    # pair -> weighted count, and pair -> indices of chunks containing it; both are
+    # updated incrementally so each merge only touches the chunks it changes.
+    stats, where = Counter(), defaultdict(set)
+    def count(i, sign):
+        parts, n = chunks[i]
+        for pair in zip(parts, parts[1:]):
+            stats[pair] += sign * n
+            if sign > 0:
+                where[pair].add(i)
+            elif stats[pair] == 0:
+                del stats[pair]  # keep stats small: the argmax below scans it every step
+    for i in range(len(chunks)):
+        count(i, +1)
+    for _ in range(n_merges):
+        top = max(stats.values(), default=0)
+        if top < 2:
+            break  # no pair repeats: further merges would only memorise single chunks
+        # most frequent pair; ties -> smallest (rank_a, rank_b), so training is deterministic
+        pair = min((p for p, c in stats.items() if c == top), key=lambda p: (ranks[p[0]], ranks[p[1]]))
+        # each chunk is always fully merged under the current ranks, so no adjacent pair
+        # is already a token: the new bytes are new, and they get the highest rank.
+        ranks[pair[0] + pair[1]] = len(ranks)
+        for i in where.pop(pair):  # may hold stale indices; re-merging those is a no-op
+            count(i, -1)
+            # re-merge with tiktoken's rule (not just "replace the pair"): after merging, a
+            # neighbour may combine with the new token into an older one. This keeps our
+            # training state identical to what tiktoken will produce at encode time.
+            chunks[i][0] = _merge_chunk(chunks[i][0], ranks)
+            count(i, +1)
+    return ranks
+
+
+def build_encoding(ranks: dict[bytes, int], name: str = "finegrain") -> tiktoken.Encoding:
+    """Wrap mergeable ranks + our specials (ids right after the merges) as a tiktoken Encoding."""
+    specials = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    return tiktoken.Encoding(name, pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def save_ranks(ranks: dict[bytes, int], path: str) -> None:
+    """Write tiktoken's .tiktoken format ("base64(token) rank" per line), atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated file
+
+
+def load_ranks(path: str) -> dict[bytes, int]:
+    """Read a file written by save_ranks."""
+    # Same parsing as tiktoken.load.load_tiktoken_bpe, which we avoid on purpose: it caches
+    # files by *path* in a temp dir, so re-training to the same path would load stale ranks.
+    with open(path, "rb") as f:
+        return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding plus <|user|>, <|assistant|>, <|pad|> after <|endoftext|> (50256)."""
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # ConnectionError, HTTPError, ... all mean "files not available"
+        raise RuntimeError(
+            "tokenizer=gpt2 needs tiktoken's GPT-2 files, which could not be downloaded (no network?); "
+            "use tokenizer=bpe (the default) or pre-cache them via TIKTOKEN_CACHE_DIR"
+        ) from e
+    eot = enc.eot_token
+    specials = {s: eot + i for i, s in enumerate(SPECIALS)}
+    return tiktoken.Encoding("gpt2_chat", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+                             special_tokens=specials)
+
+
+def get_tokenizer(kind: str, texts: list[str] | None = None, path: str | None = None,
+                  vocab_size: int = 512) -> tiktoken.Encoding:
+    """kind="bpe": load ranks from path if it exists (delete it to retrain), else train on texts
+    and save to path; kind="gpt2": GPT-2's vocabulary (needs its files, see gpt2_encoding)."""
+    if kind == "bpe":
+        if path is not None and os.path.exists(path):
+            return build_encoding(load_ranks(path))
+        assert texts is not None, "tokenizer=bpe needs texts to train on (or an existing path)"
+        ranks = train_bpe(texts, vocab_size)
+        if path is not None:
+            save_ranks(ranks, path)
+        return build_encoding(ranks)
+    if kind == "gpt2":
+        return gpt2_encoding()
+    raise ValueError(f"unknown tokenizer {kind!r}; allowed values: 'bpe', 'gpt2'")
+
+
+def special_ids(enc: tiktoken.Encoding) -> dict[str, int]:
+    """Ids of the four special tokens in enc."""
+    return {s: enc.encode_single_token(s) for s in SPECIALS}
+
+
+# Chat format: <|user|>prompt<|assistant|>response<|endoftext|>
+def prompt_ids(enc, prompt):
+    sp = special_ids(enc)
+    return [sp["<|user|>"]] + enc.encode_ordinary(prompt) + [sp["<|assistant|>"]]
+
+
+def response_ids(enc, response):
+    """Response tokens with the closing <|endoftext|>, the sequence the policy generates."""
+    return enc.encode_ordinary(response) + [special_ids(enc)["<|endoftext|>"]]
+
+
+def decode_response(enc, ids):
+    """Text of generated response tokens: stops at <|endoftext|>, drops other specials."""
+    sp = special_ids(enc)
+    ids = ids[:ids.index(sp["<|endoftext|>"])] if sp["<|endoftext|>"] in ids else ids
+    return enc.decode([t for t in ids if t not in sp.values()])

@@ -1,0 +1,568 @@
+"""
+The whole pipeline of fine-grained RLHF from minimal edits, one straight line:
+
+    1. SFT      train a tokenizer and a GPT on the noisy toy corpus         -> sft/
+    2. prefs    two SFT samples per prompt, judge picks, annotator edits    -> prefs.jsonl, prefs/
+    3. rm       token-level RM (diff labels) and sequence-level BT RMs      -> rm/
+    4. ppo      PPO (sequence reward) and fine-grained PPO (token rewards)  -> ppo/
+    5. report   win rate against SFT, error rates, plots                    -> results.json, results.md
+
+Each stage reads the files of the stages before it and writes its own; a stage whose
+outputs exist is skipped (`--force` redoes everything). Run:
+
+    python train.py                       # default preset, CPU or GPU autodetected
+    python train.py --preset=tiny         # the whole pipeline in about a minute
+    python train.py --sft_steps=300 --beta=0.05 --out=runs/x
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import tokenizer as tok
+from model import GPT, GPTConfig, autocast, pick_device
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass for the pipeline; the world, reward models and PPO have their own.
+
+
+@dataclass
+class Config:
+    out: str = "out"             # output directory of every stage
+    seed: int = 1337
+    device: str = "auto"         # auto = cuda -> mps -> cpu
+    # corpus and tokenizer
+    n_sft: int = 20000           # (prompt, noisy response) examples in the SFT corpus
+    tokenizer: str = "bpe"       # bpe (trained here) | gpt2 (needs tiktoken's files)
+    vocab_size: int = 512        # of the trained BPE, specials included
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 160        # prompt + response; the longest toy answers are ~110 tokens
+    # SFT
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_new_tokens: int = 110    # response length limit when sampling
+    n_judge: int = 500           # SFT samples judged for sft/metrics.json
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=150, sft_batch=32,
+                 sft_lr=5e-3, warmup=10, n_judge=100),
+    "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
+                sft_lr=1e-3, warmup=200),
+}
+SECTIONS = [Config, data.WorldConfig]
+
+
+def parse_args(argv):
+    """--key=value flags onto the fields of SECTIONS, on top of --preset (default: default)."""
+    fields = {f.name: (cls, f) for cls in SECTIONS for f in dataclasses.fields(cls)}
+    flags = {}
+    for a in argv:
+        if a == "--force":
+            flags["force"] = True
+            continue
+        if not a.startswith("--") or "=" not in a:
+            sys.exit(f"error: bad argument {a!r}; use --key=value (or --force)")
+        k, v = a[2:].split("=", 1)
+        flags[k] = v
+    force = flags.pop("force", False)
+    preset = flags.pop("preset", "default")
+    if preset not in PRESETS:
+        sys.exit(f"error: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    for k, v in flags.items():
+        if k not in fields:
+            sys.exit(f"error: unknown key --{k}; valid keys: --preset, --force, "
+                     + ", ".join("--" + n for n in fields))
+        typ = type(fields[k][1].default)
+        try:
+            values[k] = {bool: lambda s: {"true": True, "false": False, "1": True, "0": False}[s.lower()]}.get(typ, typ)(v)
+        except (ValueError, KeyError):
+            sys.exit(f"error: --{k}={v!r} is not a valid {typ.__name__}")
+    cfgs = {cls: cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in SECTIONS}
+    return cfgs, force, preset
+
+
+# -----------------------------------------------------------------------------
+# Small helpers shared by the stages.
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(obj, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def get_lr(it, cfg):
+    # 1) linear warmup, 2) cosine decay to 10% of the peak
+    if it < cfg.warmup:
+        return cfg.sft_lr * (it + 1) / cfg.warmup
+    ratio = (it - cfg.warmup) / max(1, cfg.sft_steps - cfg.warmup)
+    return cfg.sft_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * ratio)))
+
+
+def pad_left(seqs, pad):
+    """List of token lists -> (idx, mask), both (B, T): left-padded so all rows end together."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+    mask = torch.zeros_like(idx, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        mask[i, T - len(s):] = True
+    return idx, mask
+
+
+def load_gpt(path, device):
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ck["model_args"])).to(device)
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def sample_responses(model, enc, prompts, cfg, device, gen, temperature=1.0, batch=64):
+    """Decoded responses for prompts (eot stripped), sampled in batches with the KV cache."""
+    sp, out = tok.special_ids(enc), []
+    model.eval()
+    for i in range(0, len(prompts), batch):
+        ids = [tok.prompt_ids(enc, p) for p in prompts[i:i + batch]]
+        idx, resp_mask, _ = model.generate(ids, cfg.max_new_tokens, sp["<|endoftext|>"], sp["<|pad|>"],
+                                           temperature=temperature, generator=gen)
+        for row, m in zip(idx.tolist(), resp_mask.tolist()):
+            out.append(tok.decode_response(enc, [t for t, k in zip(row, m) if k]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: SFT
+
+def stage_sft(cfg, world, device):
+    path = os.path.join(cfg.out, "sft", "model.pt")
+    if os.path.exists(path):
+        print(f"sft: {path} exists, skipping (--force to redo)")
+        return
+    t0 = time.time()
+    rng = random.Random(cfg.seed)
+    prompts = [data.sample_prompt(rng, world) for _ in range(cfg.n_sft)]
+    corpus = [(p, data.noisy_response(p, rng, world)) for p in prompts]
+    enc = tok.get_tokenizer(cfg.tokenizer, texts=[p + " " + r for p, r in corpus],
+                            path=os.path.join(cfg.out, "tokenizer.tiktoken"), vocab_size=cfg.vocab_size)
+    sp = tok.special_ids(enc)
+    # One example = prompt + response; the loss is on response tokens only (targets -1 elsewhere).
+    examples = []
+    for p, r in corpus:
+        pi, ri = tok.prompt_ids(enc, p), tok.response_ids(enc, r)
+        examples.append((pi + ri, [-1] * (len(pi) - 1) + ri + [-1]))
+    n_val = max(len(examples) // 20, 1)
+    val, train = examples[:n_val], examples[n_val:]
+
+    torch.manual_seed(cfg.seed)
+    margs = dict(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                 n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model = GPT(GPTConfig(**margs)).to(device)
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
+    print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {enc.n_vocab}")
+
+    def batch_of(exs):
+        idx, mask = pad_left([x for x, _ in exs], sp["<|pad|>"])
+        tgt, _ = pad_left([y for _, y in exs], -1)  # tgt[:, t] = idx[:, t+1] on response tokens
+        return idx.to(device), mask.to(device), tgt.to(device)
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        losses = []
+        for i in range(0, len(val), 256):
+            idx, mask, tgt = batch_of(val[i:i + 256])
+            losses.append(model(idx, tgt, mask=mask)[1].item())
+        model.train()
+        return sum(losses) / len(losses)
+
+    g = random.Random(cfg.seed)
+    model.train()
+    pbar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
+    for it in pbar:
+        for group in opt.param_groups:
+            group["lr"] = get_lr(it, cfg)
+        idx, mask, tgt = batch_of(g.sample(train, cfg.sft_batch))
+        with autocast(device):
+            _, loss = model(idx, tgt, mask=mask)
+        if not torch.isfinite(loss):
+            sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
+            tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
+    save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)
+
+    # The judge's view of fresh samples at temperature 1 against the corpus it learned from.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    jp = [data.sample_prompt(rng, world) for _ in range(cfg.n_judge)]
+    samples = sample_responses(model, enc, jp, cfg, device, gen)
+    metrics = {"val_loss": val_loss(), "samples": data.error_rates(jp, samples),
+               "corpus": data.error_rates(prompts[:2000], [r for _, r in corpus[:2000]]),
+               "time_s": time.time() - t0}
+    write_json(metrics, os.path.join(cfg.out, "sft", "metrics.json"))
+    print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: preference pairs and minimal edits
+
+def label_pair(enc, original, edited, scheme):
+    """Token labels (-1/0/+1) of an original response and its edit, from the Myers diff of
+    their token ids (eot included, so an insertion at the end has a token to mark). Either
+    may be given as text or, for sampled responses, as the token ids actually generated."""
+    ids = [x if isinstance(x, list) else tok.response_ids(enc, x) for x in (original, edited)]
+    breaks = {enc.encode_ordinary(c)[0] for c in ".?!"}  # sentence ends: deletions snap to sentences
+    return diff_labels.token_labels(*ids, mark_insertions=(scheme == "bad_vs_rest"), breaks=breaks)
+
+
+def stage_prefs(ctx):
+    cfg, path = ctx.cfg, os.path.join(ctx.cfg.out, "prefs.jsonl")
+    if ctx.skip(path):
+        return
+    sft = load_gpt(os.path.join(cfg.out, "sft", "model.pt"), ctx.device)
+    rng = random.Random(cfg.seed + 1)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
+    records, ties = [], 0
+    pbar = tqdm(total=cfg.n_pairs, desc="prefs", dynamic_ncols=True)
+    while len(records) < cfg.n_pairs:
+        prompts = [data.sample_prompt(rng, ctx.world) for _ in range(32)]
+        samples = sample_responses(sft, ctx.enc, prompts + prompts, cfg, ctx.device, gen)
+        for p, a, b in zip(prompts, samples[:32], samples[32:]):
+            sa, sb = data.score(p, a), data.score(p, b)
+            if sa == sb:
+                ties += 1
+                continue
+            chosen, rejected = (a, b) if sa > sb else (b, a)
+            edited = data.annotate(p, rejected, ctx.world.p_annotator_miss, rng)
+            records.append({"prompt": p, "chosen": chosen, "rejected": rejected, "edited": edited})
+        pbar.update(min(len(records), cfg.n_pairs) - pbar.n)
+    pbar.close()
+    records = records[:cfg.n_pairs]
+    # What the labels look like, on the tokens the reward model will read.
+    counts, dist, length = {-1: 0, 0: 0, 1: 0}, 0, 0
+    for r in records:
+        lo, le = label_pair(ctx.enc, r["rejected"], r["edited"], "paper")
+        for v in lo + le:
+            counts[v] += 1
+        dist += sum(v != 0 for v in lo + le)  # token edit distance = deleted + inserted tokens
+        length += len(lo)
+    n_tok = sum(counts.values())
+    stats = {"pairs": len(records), "ties_dropped": ties,
+             "label_fraction": {"-1": counts[-1] / n_tok, "0": counts[0] / n_tok, "+1": counts[1] / n_tok},
+             "mean_edit_distance_tokens": dist / len(records), "mean_response_tokens": length / len(records)}
+    write_json(stats, os.path.join(cfg.out, "prefs", "stats.json"))
+    data.write_jsonl(path, records)
+    print(f"prefs: {stats['pairs']} pairs | {ties} ties dropped | labels -1 {counts[-1] / n_tok:.3f} "
+          f"0 {counts[0] / n_tok:.3f} +1 {counts[1] / n_tok:.3f} | edit distance "
+          f"{stats['mean_edit_distance_tokens']:.1f} of {stats['mean_response_tokens']:.1f} tokens")
+
+# -----------------------------------------------------------------------------
+# Stage 3: reward models
+
+
+def rm_examples(ctx, records, scheme):
+    """Token-level examples (prompt+response ids, class per token or -1) for both sequences
+    of each pair: the rejected original and its edit. Pairs whose text runs past the
+    context are cut to fit."""
+    out, m = [], reward.SCHEMES[scheme]
+    for r in records:
+        p = tok.prompt_ids(ctx.enc, r["prompt"])
+        lo, le = label_pair(ctx.enc, r["rejected"], r["edited"], scheme)
+        for text, labels in ((r["rejected"], lo), (r["edited"], le)):
+            ids = p + tok.response_ids(ctx.enc, text)
+            out.append((ids[:ctx.cfg.block_size], ([-1] * len(p) + [m[v] for v in labels])[:ctx.cfg.block_size]))
+    return out
+
+
+def seq_batch(ctx, prompts, responses):
+    ids = [(tok.prompt_ids(ctx.enc, p) + tok.response_ids(ctx.enc, r))[-ctx.cfg.block_size:]
+           for p, r in zip(prompts, responses)]
+    idx, mask = pad_left(ids, ctx.sp["<|pad|>"])
+    return idx.to(ctx.device), mask.to(ctx.device)
+
+
+def train_rm(ctx, model, loss_of, n, desc):
+    """rm_steps AdamW steps of loss_of(list of example indices) on random batches of n examples."""
+    rmc, g = ctx.rmc, random.Random(ctx.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
+    model.train()
+    pbar = tqdm(range(rmc.rm_steps), desc=desc, dynamic_ncols=True)
+    for it in pbar:
+        for group in opt.param_groups:  # short warmup, then constant
+            group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
+        with autocast(ctx.device):
+            loss = loss_of(g.sample(range(n), min(rmc.rm_batch, n)))
+        if not torch.isfinite(loss):
+            sys.exit(f"error: {desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def seq_scores(ctx, rm, prompts, responses):
+    """One number per response: the sequence RM's score, or the token RM's summed reward."""
+    out = []
+    for i in range(0, len(prompts), 128):
+        idx, mask = seq_batch(ctx, prompts[i:i + 128], responses[i:i + 128])
+        if isinstance(rm, reward.TokenRM):
+            resp = mask & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+            out += rm.token_rewards(idx, mask, resp).sum(1).tolist()
+        else:
+            out += rm(idx, mask).tolist()
+    return out
+
+
+def prompt_end(ctx, idx):
+    """(B, 1) column of the first response token: one past <|assistant|>."""
+    return (idx == ctx.sp["<|assistant|>"]).int().argmax(1, keepdim=True) + 1
+
+
+def fact_flips(n, seed):
+    """(prompt, correct answer, the same answer with one fact's value changed) triples."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        p = data.sample_prompt(rng)
+        e, attrs = data.parse_prompt(p)
+        a = rng.choice(attrs)
+        wrong = rng.choice([v for v in data.VALUES[a] if v != data.KB[e][a]])
+        good = data.ideal_response(p)
+        out.append((p, good, good.replace(data.FACT[a].format(e=e, v=data.KB[e][a]),
+                                          data.FACT[a].format(e=e, v=wrong))))
+    return out
+
+
+def error_types(ctx, record, labels):
+    """For each bad-labelled token of a rejected response: the judge's category of the
+    sentence it sits in, or "missing" for an insertion point (a bad label on a kept token)."""
+    deleted, _ = label_pair(ctx.enc, record["rejected"], record["edited"], "paper")
+    text, offsets = ctx.enc.decode_with_offsets(tok.response_ids(ctx.enc, record["rejected"])[:-1])
+    ends = offsets[1:] + [len(text)]  # a token's last character is at ends[i] - 1
+    verdicts, _ = data.classify(record["prompt"], record["rejected"])
+    types = []
+    for i, v in enumerate(labels):
+        if v != -1:
+            types.append(None)
+        elif deleted[i] != -1:
+            types.append("missing")
+        else:
+            c = ends[i] - 1
+            types.append(next((k for (s, t), k, _, _ in verdicts if s <= c < t), "unparseable"))
+    return types
+
+
+def stage_rm(ctx, seed):
+    cfg, rmc = ctx.cfg, ctx.rmc
+    d = os.path.join(cfg.out, "rm", f"seed{seed}")
+    if ctx.skip(os.path.join(d, "metrics.json")):
+        return
+    records = data.read_jsonl(os.path.join(cfg.out, "prefs.jsonl"))
+    random.Random(seed).shuffle(records)
+    n_val = max(len(records) // 10, 1)  # held-out pairs
+    val, train = records[:n_val], records[n_val:]
+    sft_path, pad = os.path.join(cfg.out, "sft", "model.pt"), ctx.sp["<|pad|>"]
+    ctx.seed = seed
+    torch.manual_seed(seed)
+    metrics = {}
+
+    # Token-level RM: per-token cross-entropy on the diff labels of (rejected, edited).
+    ex = rm_examples(ctx, train, rmc.rm_scheme)  # pair i -> examples 2i (rejected) and 2i+1 (edited)
+
+    def token_batch(exs):
+        idx, mask = pad_left([x for x, _ in exs], pad)
+        cls, _ = pad_left([y for _, y in exs], -1)
+        return idx.to(ctx.device), mask.to(ctx.device), cls.to(ctx.device)
+
+    def token_loss(pairs):
+        idx, mask, cls = token_batch([ex[2 * i + j] for i in pairs for j in (0, 1)])
+        return reward.token_loss(trm(idx, mask), cls, rmc.rm_bad_weight)
+
+    trm = reward.TokenRM(load_gpt(sft_path, ctx.device), rmc.rm_scheme).to(ctx.device)
+    train_rm(ctx, trm, token_loss, len(train), "rm token")
+
+    # Sequence-level RMs: Bradley-Terry on (chosen, rejected), and on (edited, rejected).
+    def bt(rm, better):
+        def loss(pairs):
+            ps = [train[i]["prompt"] for i in pairs]
+            hi = rm(*seq_batch(ctx, ps, [train[i][better] for i in pairs]))
+            lo = rm(*seq_batch(ctx, ps, [train[i]["rejected"] for i in pairs]))
+            return reward.bt_loss(hi, lo)
+        return loss
+
+    srm = reward.SeqRM(load_gpt(sft_path, ctx.device)).to(ctx.device)
+    train_rm(ctx, srm, bt(srm, "chosen"), len(train), "rm seq")
+    erm = reward.SeqRM(load_gpt(sft_path, ctx.device)).to(ctx.device)
+    train_rm(ctx, erm, bt(erm, "edited"), len(train), "rm seq_edits")
+
+    # Held-out token metrics: per-class precision/recall/F1, bad recall by error type.
+    vex = rm_examples(ctx, val, rmc.rm_scheme)
+    pred, gold, by_type = [], [], {}
+    with torch.no_grad():
+        for i in range(0, len(vex), 64):
+            idx, mask, cls = token_batch(vex[i:i + 64])
+            p = trm(idx, mask).argmax(-1)
+            pred.append(p[cls != -1])
+            gold.append(cls[cls != -1])
+            for j in range(0, idx.size(0), 2):  # rejected responses: which errors are caught
+                r = val[(i + j) // 2]
+                labels, _ = label_pair(ctx.enc, r["rejected"], r["edited"], rmc.rm_scheme)
+                hits = p[j][cls[j] != -1].tolist()
+                for t, h in zip(error_types(ctx, r, labels), hits):
+                    if t is not None:
+                        by_type.setdefault(t, []).append(h == 0)
+    pred, gold = torch.cat(pred), torch.cat(gold)
+    names = ["bad", "neutral", "good"] if rmc.rm_scheme == "paper" else ["bad", "rest"]
+    flips = fact_flips(300, seed + 7)
+    samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
+    gold_sft = [data.score(p, r) for p, r in zip(samples["prompts"], samples["responses"])]
+    vp = [r["prompt"] for r in val]
+
+    def common(rm):  # metrics every RM gets
+        s_sft = seq_scores(ctx, rm, samples["prompts"], samples["responses"])
+        good = seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips])
+        bad = seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips])
+        hi = seq_scores(ctx, rm, vp, [r["chosen"] for r in val])
+        lo = seq_scores(ctx, rm, vp, [r["rejected"] for r in val])
+        return s_sft, {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val),
+                       "fact_flip_acc": sum(g > b for g, b in zip(good, bad)) / len(flips),
+                       "spearman_vs_judge": reward.spearman(s_sft, gold_sft)}
+
+    s_sft, metrics["token"] = common(trm)
+    metrics["token"].update({"scheme": rmc.rm_scheme, **{f"{n}_{k}": v for c, n in enumerate(names)
+                                                           for k, v in reward.prf(pred, gold, c).items()},
+                             "bad_recall_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())}})
+    # Reward scale for PPO, fitted on SFT samples so both methods start on equal footing:
+    # token rewards centred per token (rm_center) and scaled so a response's sum has std 1;
+    # sequence scores standardised.
+    lens = [len(tok.response_ids(ctx.enc, r)) for r in samples["responses"]]
+    c = sum(s_sft) / sum(lens) if rmc.rm_center else 0.0
+    sums = torch.tensor([s - c * n for s, n in zip(s_sft, lens)])
+    norms = {"token": {"center": c, "scale": sums.std().item()}}
+    for name, rm in (("seq", srm), ("seq_edits", erm)):
+        s, metrics[name] = common(rm)
+        s = torch.tensor(s)
+        norms[name] = {"center": s.mean().item(), "scale": s.std().item()}
+    er = seq_scores(ctx, erm, vp, [r["edited"] for r in val])
+    metrics["seq_edits"]["pairwise_acc_edited_vs_rejected"] = sum(
+        e > l for e, l in zip(er, seq_scores(ctx, erm, vp, [r["rejected"] for r in val]))) / len(val)
+    for name, rm in (("token", trm), ("seq", srm), ("seq_edits", erm)):
+        save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config),
+                     "norm": norms[name], "scheme": rmc.rm_scheme}, os.path.join(d, f"{name}.pt"))
+    metrics["norm"] = norms
+    write_json(metrics, os.path.join(d, "metrics.json"))
+    for name in ("token", "seq", "seq_edits"):
+        print(f"rm {name}: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, float)))
+    print("rm token bad recall by error type: " + " | ".join(
+        f"{k} {v:.2f}" for k, v in metrics["token"]["bad_recall_by_type"].items()))
+
+
+def load_rm(path, device):
+    ck = torch.load(path, map_location=device, weights_only=True)
+    gpt = GPT(GPTConfig(**ck["model_args"]))
+    rm = reward.TokenRM(gpt, ck["scheme"]) if path.endswith("token.pt") else reward.SeqRM(gpt)
+    rm.load_state_dict(ck["model"])
+    return rm.to(device).eval(), ck["norm"]
+
+# -----------------------------------------------------------------------------
+# Stage 4: PPO and fine-grained PPO
+
+METHODS = {  # method: (reward source, dense per-token or final)
+    "ppo": ("seq", False),
+    "fg_ppo": ("token", True),
+    "ppo_edits": ("seq_edits", False),
+    "oracle_ppo": ("judge", False),      # gold judge score at the end (control, beyond the paper)
+    "oracle_fg": ("annotator", True),    # gold per-token labels: annotator + diff on each sample
+}
+
+
+def split_rollout(ctx, idx, resp):
+    """Prompt texts and response token ids (eot included) of a rollout batch."""
+    prompts, responses = [], []
+    for row, m in zip(idx.tolist(), resp.tolist()):
+        a = row.index(ctx.sp["<|assistant|>"])
+        prompts.append(ctx.enc.decode([t for t in row[:a] if t not in ctx.sp.values()]))
+        responses.append([t for t, k in zip(row, m) if k])
+    return prompts, responses
+
+
+def gold_rewards(ctx, idx, real, resp, dense):
+    """Oracle rewards: -1 on each token the annotator's edit labels bad (dense), or the
+    judge's score (final), unnormalised."""
+    prompts, responses = split_rollout(ctx, idx, resp)
+    if not dense:
+        scores = [data.score(p, tok.decode_response(ctx.enc, r)) for p, r in zip(prompts, responses)]
+        return ppo.final_token_rewards(torch.tensor(scores, dtype=torch.float, device=idx.device), resp.float())
+    out = torch.zeros(idx.shape, device=idx.device)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        edited = data.annotate(p, tok.decode_response(ctx.enc, r))
+        labels, _ = label_pair(ctx.enc, r, edited, "bad_vs_rest")
+        cols = resp[i].nonzero().squeeze(1)
+        out[i, cols] = torch.tensor(labels, dtype=torch.float, device=idx.device)
+    return out
+
+
+def reward_fn(ctx, method, seed):
+    """(idx, real, resp) -> (B, T) rewards of a method, normalised on SFT samples."""
+    source, dense = METHODS[method]
+    if source in ("seq", "token", "seq_edits"):
+        rm, norm = load_rm(os.path.join(ctx.cfg.out, "rm", f"seed{seed}", f"{source}.pt"), ctx.device)
+        if dense:
+            raw = lambda idx, real, resp: rm.token_rewards(idx, real, resp)  # noqa: E731
+        else:
+            raw = lambda idx, real, resp: ppo.final_token_rewards(rm(idx, real), resp.float())  # noqa: E731
+    else:
+        raw = lambda idx, real, resp: gold_rewards(ctx, idx, real, resp, dense)  # noqa: E731
+        norm = gold_norm(ctx, raw, dense)
+
+    def fn(idx, real, resp):
+        with autocast(ctx.device):
+            r = raw(idx, real, resp).float()
+        if dense:  # centre per token, then scale so a response's summed reward has std ~1
+            return (r - norm["center"] * resp) / norm["scale"]
+        return (r - norm["center"] * ppo.final_token_rewards(torch.ones(len(r), device=r.device), resp.float())) / norm["scale"]
+    return fn
+
+
+def gold_norm(ctx, raw, dense):
+    """The same normalisation as for the learned RMs, fitted on the same SFT samples."""
+    s = json.load(open(os.path.join(ctx.cfg.out, "sft", "samples.json")))
+    idx, real = seq_batch(ctx, s["prompts"], s["responses"])
+    resp = real & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+    r = raw(idx, real, resp)
+    sums, lens = r.sum(1), resp.sum(1)
+    c = (sums.sum() / lens.sum()).item() if dense and ctx.rmc.rm_center else (0.0 if dense else sums.mean().item())
+    return {"center": c, "scale": (sums - c * lens).std().item() if dense else sums.std().item()}
