@@ -16,10 +16,12 @@ outputs exist is skipped (`--force` redoes everything). Run:
 """
 
 import dataclasses
+import html
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ import torch
 from tqdm import tqdm
 
 import data
+import diff_labels
+import ppo
+import reward
 import tokenizer as tok
 from model import GPT, GPTConfig, autocast, pick_device
 
@@ -57,17 +62,29 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_new_tokens: int = 110    # response length limit when sampling
-    n_judge: int = 500           # SFT samples judged for sft/metrics.json
+    n_judge: int = 500           # SFT samples judged (sft/metrics.json) and used to fit reward scales
+    # preference data: the annotation budget, the same for every method
+    n_pairs: int = 1000
+    # RL and evaluation
+    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg
+    seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
+    n_eval: int = 500            # evaluation prompts, drawn with their own seed
+    k_ref: int = 4               # SFT reference samples per evaluation prompt
+    n_curve: int = 100           # prompts for the learning curves during PPO
+    eval_every: int = 10         # PPO iterations between learning-curve points
+    ckpt_every: int = 5          # PPO iterations between checkpoints
+    stop_after: int = 0          # stop each PPO run after this many iterations (0: never); to test resuming
 
 
 PRESETS = {
     "default": {},
-    "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=150, sft_batch=32,
-                 sft_lr=5e-3, warmup=10, n_judge=100),
+    "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=400, sft_batch=32,
+                 sft_lr=1e-2, warmup=20, n_judge=100, n_pairs=150, rm_steps=40, ppo_iters=6,
+                 rollout_batch=32, minibatch=16, n_eval=100, k_ref=2, n_curve=32, eval_every=3),
     "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
                 sft_lr=1e-3, warmup=200),
 }
-SECTIONS = [Config, data.WorldConfig]
+SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
 
 
 def parse_args(argv):
@@ -160,10 +177,10 @@ def sample_responses(model, enc, prompts, cfg, device, gen, temperature=1.0, bat
 # -----------------------------------------------------------------------------
 # Stage 1: SFT
 
-def stage_sft(cfg, world, device):
+def stage_sft(ctx):
+    cfg, world, device = ctx.cfg, ctx.world, ctx.device
     path = os.path.join(cfg.out, "sft", "model.pt")
-    if os.path.exists(path):
-        print(f"sft: {path} exists, skipping (--force to redo)")
+    if ctx.skip(path):
         return
     t0 = time.time()
     rng = random.Random(cfg.seed)
@@ -176,7 +193,7 @@ def stage_sft(cfg, world, device):
     examples = []
     for p, r in corpus:
         pi, ri = tok.prompt_ids(enc, p), tok.response_ids(enc, r)
-        examples.append((pi + ri, [-1] * (len(pi) - 1) + ri + [-1]))
+        examples.append(((pi + ri)[:cfg.block_size], ([-1] * (len(pi) - 1) + ri + [-1])[:cfg.block_size]))
     n_val = max(len(examples) // 20, 1)
     val, train = examples[:n_val], examples[n_val:]
 
@@ -220,16 +237,17 @@ def stage_sft(cfg, world, device):
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
             tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
-    save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)
 
     # The judge's view of fresh samples at temperature 1 against the corpus it learned from.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     jp = [data.sample_prompt(rng, world) for _ in range(cfg.n_judge)]
     samples = sample_responses(model, enc, jp, cfg, device, gen)
+    write_json({"prompts": jp, "responses": samples}, os.path.join(cfg.out, "sft", "samples.json"))
     metrics = {"val_loss": val_loss(), "samples": data.error_rates(jp, samples),
                "corpus": data.error_rates(prompts[:2000], [r for _, r in corpus[:2000]]),
                "time_s": time.time() - t0}
     write_json(metrics, os.path.join(cfg.out, "sft", "metrics.json"))
+    save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
     print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
 
 
@@ -259,7 +277,7 @@ def stage_prefs(ctx):
         samples = sample_responses(sft, ctx.enc, prompts + prompts, cfg, ctx.device, gen)
         for p, a, b in zip(prompts, samples[:32], samples[32:]):
             sa, sb = data.score(p, a), data.score(p, b)
-            if sa == sb:
+            if sa == sb or not a.strip() or not b.strip():  # ties (and rare empty samples) are dropped
                 ties += 1
                 continue
             chosen, rejected = (a, b) if sa > sb else (b, a)
@@ -566,3 +584,294 @@ def gold_norm(ctx, raw, dense):
     sums, lens = r.sum(1), resp.sum(1)
     c = (sums.sum() / lens.sum()).item() if dense and ctx.rmc.rm_center else (0.0 if dense else sums.mean().item())
     return {"center": c, "scale": (sums - c * lens).std().item() if dense else sums.std().item()}
+
+
+def eval_set(ctx):
+    """Evaluation prompts (their own seed) with K judged SFT reference samples each; cached."""
+    path = os.path.join(ctx.cfg.out, "eval", "refs.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    cfg = ctx.cfg
+    rng = random.Random(cfg.seed + 1000)
+    prompts = [data.sample_prompt(rng, ctx.world) for _ in range(cfg.n_eval)]
+    sft = load_gpt(os.path.join(cfg.out, "sft", "model.pt"), ctx.device)
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1000)
+    refs = [sample_responses(sft, ctx.enc, prompts, cfg, ctx.device, gen) for _ in range(cfg.k_ref)]
+    out = {"prompts": prompts, "refs": refs,
+           "ref_scores": [[data.score(p, r) for p, r in zip(prompts, rs)] for rs in refs]}
+    write_json(out, path)
+    return out
+
+
+def evaluate(ctx, model, ev, n=None, seed=0):
+    """Per-prompt win values against the K reference samples (win 1, tie 0.5, loss 0), and the
+    judge's error rates of the policy's samples (one per prompt, temperature 1)."""
+    prompts = ev["prompts"][:n]
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed + 2000 + seed)
+    responses = sample_responses(model, ctx.enc, prompts, ctx.cfg, ctx.device, gen)
+    wins = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        s = data.score(p, r)
+        refs = [rs[i] for rs in ev["ref_scores"]]
+        wins.append(sum(1.0 if s > q else 0.5 if s == q else 0.0 for q in refs) / len(refs))
+    return wins, data.error_rates(prompts, responses), responses
+
+
+def stage_ppo(ctx, method, seed):
+    cfg, pc = ctx.cfg, ctx.pc
+    path = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt")
+    ck = torch.load(path, weights_only=True) if os.path.exists(path) else None
+    if ck is not None and ck["iter"] == pc.ppo_iters:
+        print(f"ppo {method} seed {seed}: {path} complete, skipping (--force to redo)")
+        return
+    ev = eval_set(ctx)
+    sft_path = os.path.join(cfg.out, "sft", "model.pt")
+    ref = load_gpt(sft_path, ctx.device).eval()  # the frozen SFT reference
+    ref.requires_grad_(False)
+    policy = ppo.ActorCritic(load_gpt(sft_path, ctx.device)).to(ctx.device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=pc.ppo_lr, eps=1e-5, weight_decay=0.0)  # eps as CleanRL
+    fn = reward_fn(ctx, method, seed)
+    # Everything random in a run is drawn from these three, saved in each checkpoint.
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=ctx.device).manual_seed(seed)  # sampling
+    cpu_gen = torch.Generator().manual_seed(seed)               # minibatch order
+    rng = random.Random(seed)                                   # prompts
+    start, log, curve = 0, [], []
+    if ck is not None:
+        policy.load_state_dict(ck["policy"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["gen"].to("cpu") if ctx.device == "cpu" else ck["gen"])
+        cpu_gen.set_state(ck["cpu_gen"])
+        rng.setstate(ck["rng"])
+        start, log, curve = ck["iter"], ck["log"], ck["curve"]
+        print(f"ppo {method} seed {seed}: resuming at iteration {start}")
+    else:
+        wins, rates, _ = evaluate(ctx, policy.gpt, ev, cfg.n_curve)
+        curve.append({"iter": 0, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]})
+    sp = ctx.sp
+    pbar = tqdm(range(start, pc.ppo_iters), desc=f"{method} s{seed}", dynamic_ncols=True)
+    for it in pbar:
+        prompts = [tok.prompt_ids(ctx.enc, data.sample_prompt(rng, ctx.world)) for _ in range(pc.rollout_batch)]
+        batch = ppo.rollout(policy, ref, prompts, fn, pc, sp["<|endoftext|>"], sp["<|pad|>"],
+                            cfg.max_new_tokens, gen)
+        try:
+            stats = ppo.update(policy, opt, batch, pc, cpu_gen)
+        except FloatingPointError as e:
+            sys.exit(f"error: ppo {method} seed {seed} stopped at iteration {it}: {e}; "
+                     f"the last good checkpoint {path} is intact")
+        row = {"iter": it + 1, **batch["stats"], **stats}
+        log.append(row)
+        tqdm.write(f"{method} s{seed} iter {it + 1} | reward {row['reward']:.3f} | kl {row['kl']:.3f} | "
+                   f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f}")
+        last = it + 1 == pc.ppo_iters
+        if (it + 1) % cfg.eval_every == 0 or last:
+            wins, rates, _ = evaluate(ctx, policy.gpt, ev, cfg.n_curve)
+            curve.append({"iter": it + 1, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]})
+        if (it + 1) % cfg.ckpt_every == 0 or last:
+            save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it + 1,
+                         "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "rng": rng.getstate(),
+                         "log": log, "curve": curve}, path)
+        if ctx.stop_after and it + 1 == start + ctx.stop_after:
+            sys.exit(f"stopped after {ctx.stop_after} iterations (--stop_after); rerun to resume")
+
+# -----------------------------------------------------------------------------
+# Stage 5: evaluation and report
+
+
+def bootstrap_ci(x, n_boot=2000, seed=0):
+    """95% CI of the mean of x (S seeds, P prompts), resampling seeds and then prompts, so
+    that both sources of variance are in the interval (with one seed: prompts only)."""
+    x = torch.as_tensor(x, dtype=torch.float64)  # (S, P)
+    g = torch.Generator().manual_seed(seed)
+    S, P = x.shape
+    si = torch.randint(S, (n_boot, S, 1), generator=g)
+    pi = torch.randint(P, (n_boot, 1, P), generator=g)
+    means = x[si, pi].mean((1, 2))  # (n_boot,)
+    return [means.quantile(0.025).item(), means.quantile(0.975).item()]
+
+
+def final_eval(ctx, method, seed, ev):
+    """Win values and error rates of a finished policy on the full evaluation set; cached."""
+    path = os.path.join(ctx.cfg.out, "ppo", f"{method}_seed{seed}.eval.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    ck = torch.load(os.path.join(ctx.cfg.out, "ppo", f"{method}_seed{seed}.pt"), map_location=ctx.device, weights_only=True)
+    policy = ppo.ActorCritic(load_gpt(os.path.join(ctx.cfg.out, "sft", "model.pt"), ctx.device)).to(ctx.device)
+    policy.load_state_dict(ck["policy"])
+    wins, rates, responses = evaluate(ctx, policy.gpt, ev)
+    out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8]}
+    write_json(out, path)
+    return out
+
+
+def stage_report(ctx, seeds, methods, timing):
+    cfg = ctx.cfg
+    ev = eval_set(ctx)
+    sft_rates = data.error_rates(ev["prompts"], ev["refs"][0])
+    res = {m: [final_eval(ctx, m, s, ev) for s in seeds] for m in methods}
+    out = {"config": ctx.config_dict, "seeds": seeds, "methods": {"sft": sft_rates}}
+    for m in methods:
+        wins = [r["wins"] for r in res[m]]
+        rates = {k: sum(r["rates"][k] for r in res[m]) / len(seeds) for k in sft_rates}
+        out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
+                             "win_rate_ci95": bootstrap_ci(wins), **rates,
+                             "per_seed": [{"seed": s, "win_rate": sum(w) / len(w), **r["rates"]}
+                                          for s, w, r in zip(seeds, wins, res[m])]}
+    if "ppo" in methods and "fg_ppo" in methods:  # paired: same seeds, same prompts
+        diff = [[a - b for a, b in zip(f["wins"], p["wins"])] for f, p in zip(res["fg_ppo"], res["ppo"])]
+        out["fg_ppo_minus_ppo"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
+    out["reward_models"] = {f"seed{s}": json.load(open(os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json")))
+                            for s in seeds}
+    out["timing_s"] = timing
+    write_json(out, os.path.join(cfg.out, "results.json"))
+    write_results_md(ctx, out, methods)
+    plot_curves(ctx, res, methods)
+    token_rewards_html(ctx, seeds[0])
+    print(open(os.path.join(cfg.out, "results.md")).read())
+
+
+def write_results_md(ctx, out, methods):
+    cols = ["wrong", "missing", "rude", "off_topic", "unparseable", "repeated", "unrequested"]
+    lines = [f"# Results ({len(out['seeds'])} seed(s), {ctx.cfg.n_eval} evaluation prompts, "
+             f"K={ctx.cfg.k_ref} SFT reference samples each)", "",
+             "| method | win rate vs SFT [95% CI] | judge score | " + " | ".join(cols) + " |",
+             "|---" * (3 + len(cols)) + "|"]
+    sft = out["methods"]["sft"]
+    lines.append("| sft | 0.5 (by definition) | " + f"{sft['judge_score']:.2f} | " + " | ".join(f"{sft[c]:.3f}" for c in cols) + " |")
+    for m in methods:
+        r = out["methods"][m]
+        lo, hi = r["win_rate_ci95"]
+        lines.append(f"| {m} | {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {r['judge_score']:.2f} | "
+                     + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    if "fg_ppo_minus_ppo" in out:
+        d = out["fg_ppo_minus_ppo"]
+        lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
+    lines += ["", "wrong = wrong facts per stated fact; missing = per requested fact; unparseable = per sentence;",
+              "the others per response. Evaluation prompts come from the same small prompt space as training",
+              "prompts (24 animals x 18 templates), so prompts recur across stages by design."]
+    with open(os.path.join(ctx.cfg.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_curves(ctx, res, methods):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["reward", "kl", "clipfrac", "entropy", "explained_var", "length"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, k in zip(axes.flat, keys):
+        for m in methods:
+            log = res[m][0]["log"]  # the first seed
+            ax.plot([r["iter"] for r in log], [r[k] for r in log], label=m)
+        ax.set_title(k)
+        ax.set_xlabel("iteration")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ctx.cfg.out, "ppo_diagnostics.png"), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, k in zip(axes, ["win_rate", "judge_score"]):
+        for m in methods:
+            curves = [r["curve"] for r in res[m]]
+            ys = [sum(c[i][k] for c in curves) / len(curves) for i in range(len(curves[0]))]
+            ax.plot([p["iter"] for p in curves[0]], ys, marker="o", label=m)
+        ax.set_title(f"{k} ({ctx.cfg.n_curve} prompts, mean over seeds)")
+        ax.set_xlabel("PPO iteration")
+    axes[0].axhline(0.5, color="grey", lw=0.5)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ctx.cfg.out, "learning_curves.png"), dpi=80)
+    plt.close("all")
+
+
+@torch.no_grad()
+def token_rewards_html(ctx, seed, n=8):
+    """SFT samples with each token coloured by the token RM's reward, beside the gold labels."""
+    rm, _ = load_rm(os.path.join(ctx.cfg.out, "rm", f"seed{seed}", "token.pt"), ctx.device)
+    s = json.load(open(os.path.join(ctx.cfg.out, "sft", "samples.json")))
+    rows = []
+    for p, r in list(zip(s["prompts"], s["responses"]))[:n]:
+        idx, real = seq_batch(ctx, [p], [r])
+        resp = real & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+        ids = idx[0][resp[0]].tolist()
+        rewards = rm.token_rewards(idx, real, resp)[0][resp[0]].tolist()
+        gold, _ = label_pair(ctx.enc, ids, data.annotate(p, r), "bad_vs_rest")
+        toks = [ctx.enc.decode([t]) for t in ids]
+        rows.append(f"<h4>{html.escape(p)} (judge {data.score(p, r):+.0f})</h4>"
+                    f"<p>token RM: {diff_labels.render(toks, rewards, html=True)}</p>"
+                    f"<p>gold labels: {diff_labels.render(toks, gold, html=True)}</p>")
+    with open(os.path.join(ctx.cfg.out, "token_rewards.html"), "w") as f:
+        f.write("<html><body><h3>Token RM rewards on SFT samples (red = bad)</h3>" + "".join(rows) + "</body></html>")
+
+# -----------------------------------------------------------------------------
+# Main: the stages in order
+
+
+OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
+           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
+UNCHECKED = {"out", "device", "seeds", "stop_after"}  # may change between runs of the same folder
+
+
+class Ctx:
+    """What every stage needs: configs, device, tokenizer."""
+
+    def __init__(self, cfgs, device):
+        self.cfg, self.world, self.rmc, self.pc = (cfgs[c] for c in SECTIONS)
+        self.device, self.stop_after = device, self.cfg.stop_after
+        self.config_dict = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
+
+    def skip(self, path):
+        if os.path.exists(path):
+            print(f"{os.path.relpath(path, self.cfg.out)} exists, skipping (--force to redo)")
+            return True
+        return False
+
+
+def main(argv):
+    cfgs, force, preset = parse_args(argv)
+    cfg = cfgs[Config]
+    device = pick_device(cfg.device)
+    ctx = Ctx(cfgs, device)
+    methods = cfg.methods.split(",")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        sys.exit(f"error: unknown method(s) {', '.join(bad)}; allowed: {', '.join(METHODS)}")
+    os.makedirs(cfg.out, exist_ok=True)
+    cpath = os.path.join(cfg.out, "config.json")
+    if force:
+        for name in OUTPUTS:
+            p = os.path.join(cfg.out, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+    elif os.path.exists(cpath):
+        old = json.load(open(cpath))
+        changed = [k for k in ctx.config_dict if k not in UNCHECKED and old.get(k) != ctx.config_dict[k]]
+        if changed:
+            sys.exit(f"error: {cfg.out} holds a run with a different config ({', '.join(f'{k}: {old.get(k)!r} -> {ctx.config_dict[k]!r}' for k in changed)}); "
+                     "use another --out, or --force to start over")
+    write_json(ctx.config_dict, cpath)
+    torch.manual_seed(cfg.seed)
+    print(f"preset {preset} | device {device} | out {cfg.out}")
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    timing = {}
+
+    def timed(name, f, *args):
+        t0 = time.time()
+        f(*args)
+        timing[name] = timing.get(name, 0.0) + time.time() - t0
+
+    try:
+        timed("sft", stage_sft, ctx)
+        ctx.enc = tok.get_tokenizer(cfg.tokenizer, path=os.path.join(cfg.out, "tokenizer.tiktoken"))
+        ctx.sp = tok.special_ids(ctx.enc)
+        timed("prefs", stage_prefs, ctx)
+        for s in seeds:
+            timed("rm", stage_rm, ctx, s)
+        for s in seeds:
+            for m in methods:
+                timed(m, stage_ppo, ctx, m, s)
+        timed("report", stage_report, ctx, seeds, methods, timing)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
