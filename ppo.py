@@ -77,14 +77,14 @@ class ActorCritic(nn.Module):
 
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)  # where, not *: NaN * 0 is NaN
 
 
 def whiten(x, mask, eps=1e-8):
     """Zero mean, unit variance over the valid tokens; 0 at masked positions."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
 def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
@@ -150,7 +150,7 @@ def entropy(logits, mask, temperature=1.0):
 def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, generator=None):
     """Sample responses and compute everything the update needs, as a dict of (B, T) tensors.
     reward_fn(idx, real_mask, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
-    policy.eval()  # no dropout in any model during RL
+    policy.eval(), ref.eval()  # no dropout in any model during RL
     idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
                                             temperature=cfg.temperature, generator=generator)
     real = (idx != pad) | resp_mask  # (B, T) real tokens: prompt and response
@@ -159,7 +159,7 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     mask = resp_mask.float()
     kl = torch.where(resp_mask, logp - ref_logp, 0.0)
     score = reward_fn(idx, real, resp_mask)  # (B, T)
-    truncated = ~(idx == eot).any(1)  # (B,) no <|endoftext|> within the limit
+    truncated = ~((idx == eot) & resp_mask).any(1)  # (B,) no <|endoftext|> within the limit
     score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, mask)
     rewards = kl_penalty_rewards(logp, ref_logp, mask, cfg.beta) + score
     advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # returns before whitening

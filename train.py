@@ -480,16 +480,17 @@ def stage_rm(ctx, seed):
                        "spearman_vs_judge": reward.spearman(s_sft, gold_sft)}
 
     s_sft, metrics["token"] = common(trm)
-    metrics["token"].update({"scheme": rmc.rm_scheme, **{f"{n}_{k}": v for c, n in enumerate(names)
-                                                           for k, v in reward.prf(pred, gold, c).items()},
-                             "bad_recall_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())}})
     # Reward scale for PPO, fitted on SFT samples so both methods start on equal footing:
     # token rewards centred per token (rm_center) and scaled so a response's sum has std 1;
     # sequence scores standardised.
     lens = [len(tok.response_ids(ctx.enc, r)) for r in samples["responses"]]
     c = sum(s_sft) / sum(lens) if rmc.rm_center else 0.0
-    sums = torch.tensor([s - c * n for s, n in zip(s_sft, lens)])
-    norms = {"token": {"center": c, "scale": sums.std().item()}}
+    sums = [s - c * n for s, n in zip(s_sft, lens)]  # the summed reward PPO will see
+    norms = {"token": {"center": c, "scale": torch.tensor(sums).std().item()}}
+    metrics["token"]["spearman_vs_judge"] = reward.spearman(sums, gold_sft)
+    metrics["token"].update({"scheme": rmc.rm_scheme, **{f"{n}_{k}": v for c, n in enumerate(names)
+                                                           for k, v in reward.prf(pred, gold, c).items()},
+                             "bad_recall_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())}})
     for name, rm in (("seq", srm), ("seq_edits", erm)):
         s, metrics[name] = common(rm)
         s = torch.tensor(s)

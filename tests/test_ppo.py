@@ -1,0 +1,538 @@
+"""Tests for ppo.py: GAE against a reference loop, whitening, rewards, the clipped loss and its
+gradients, action/value alignment, rollout bookkeeping, and small end-to-end updates."""
+import copy
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ppo  # noqa: E402
+from model import GPT, GPTConfig, token_logprobs  # noqa: E402
+from ppo import (ActorCritic, PPOConfig, compute_gae, final_token_rewards,  # noqa: E402
+                 kl_penalty_rewards, ppo_loss, whiten)
+
+torch.set_num_threads(1)
+
+PAD, EOT = 0, 1
+STAT_KEYS = {"pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "explained_var"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw):
+    """A tiny CPU GPT in eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def actor_critic(seed=0, **kw):
+    """ActorCritic on a tiny GPT, with a random (non-zero) value head so values mean something."""
+    ac = ActorCritic(tiny(seed, **kw))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        ac.v_head.weight.copy_(torch.randn(ac.v_head.weight.shape, generator=g))
+        ac.v_head.bias.fill_(0.3)
+    return ac.eval()
+
+
+def random_prompts(n, seed=0, lo=1, hi=6):
+    """n prompts of random lengths, tokens in [2, 50) (never PAD or EOT)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 50) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def response_masks(B, T, seed=0):
+    """(B, T) bool masks: a prompt region (left padding + prompt), a contiguous response, then
+    right padding; includes an empty response and one that runs to the last column."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        p = int(torch.randint(0, T - 1, (1,), generator=g))
+        n = int(torch.randint(1, T - p + 1, (1,), generator=g))
+        m[b, p:p + n] = True
+    m[0] = False               # empty response
+    m[1, :] = False
+    m[1, T - 3:] = True        # response ending at the last column (no right padding)
+    return m
+
+
+def reference_gae(rewards, values, mask, gamma, lam):
+    """Plain Python GAE over each row's valid positions, in double precision."""
+    B, T = rewards.shape
+    adv = [[0.0] * T for _ in range(B)]
+    ret = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        valid = [t for t in range(T) if bool(mask[b, t])]
+        a_next, v_next = 0.0, 0.0
+        for t in reversed(valid):
+            r, v = float(rewards[b, t]), float(values[b, t])
+            delta = r + gamma * v_next - v
+            a = delta + gamma * lam * a_next
+            adv[b][t], ret[b][t] = a, a + v
+            a_next, v_next = a, v
+    return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
+
+
+# -----------------------------------------------------------------------------
+# GAE and whitening
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.5, 0.0), (0.99, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gae_matches_reference_loop(gamma, lam, dtype):
+    """compute_gae equals a per-row Python loop over valid tokens, 0 elsewhere."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 14
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = response_masks(B, T, seed=2)
+    adv, ret = compute_gae(rewards.to(dtype), values.to(dtype), mask.float(), gamma, lam)
+    ref_adv, ref_ret = reference_gae(rewards, values, mask, gamma, lam)
+    atol = 1e-6 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(adv.double(), ref_adv, atol=atol, rtol=0)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=atol, rtol=0)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+def test_gae_bool_and_float_masks_agree():
+    """A bool mask and the same mask as floats give identical results."""
+    g = torch.Generator().manual_seed(3)
+    r, v = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    m = response_masks(4, 9, seed=4)
+    a1, r1 = compute_gae(r, v, m, 0.9, 0.7)
+    a2, r2 = compute_gae(r, v, m.float(), 0.9, 0.7)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+
+
+def test_gae_undiscounted_zero_values_is_reward_to_go():
+    """With gamma = lam = 1 and V = 0, returns (and advantages) are the reversed cumsum of rewards."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 5, 12
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = response_masks(B, T, seed=6)
+    adv, ret = compute_gae(rewards, torch.zeros(B, T, dtype=torch.float64), mask, 1.0, 1.0)
+    rm = rewards * mask
+    to_go = rm.flip(1).cumsum(1).flip(1) * mask
+    torch.testing.assert_close(ret, to_go, atol=1e-12, rtol=0)
+    torch.testing.assert_close(adv, to_go, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), -float("inf"), 1e6])
+def test_gae_ignores_masked_rewards_and_values(junk):
+    """Rewards/values at masked positions (even NaN/inf) never reach the valid outputs."""
+    g = torch.Generator().manual_seed(7)
+    B, T = 6, 13
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = response_masks(B, T, seed=8)
+    adv, ret = compute_gae(rewards, values, mask, 0.95, 0.9)
+    r2 = torch.where(mask, rewards, junk)
+    v2 = torch.where(mask, values, junk)
+    for rr, vv in [(r2, values), (rewards, v2), (r2, v2)]:
+        adv2, ret2 = compute_gae(rr, vv, mask, 0.95, 0.9)
+        assert torch.isfinite(adv2).all() and torch.isfinite(ret2).all()
+        assert torch.equal(adv2[mask], adv[mask]) and torch.equal(ret2[mask], ret[mask])
+        assert (adv2[~mask] == 0).all() and (ret2[~mask] == 0).all()
+
+
+def test_whiten_valid_mean_zero_var_one_masked_zero():
+    """Whitened valid tokens have mean 0 and (population) variance 1; masked tokens are 0."""
+    g = torch.Generator().manual_seed(9)
+    x = 3.0 + 5.0 * torch.randn(6, 15, generator=g, dtype=torch.float64)
+    mask = response_masks(6, 15, seed=10)
+    w = whiten(x, mask.double())
+    valid = w[mask]
+    assert abs(valid.mean().item()) < 1e-10
+    assert abs(valid.var(unbiased=False).item() - 1) < 1e-6
+    assert (w[~mask] == 0).all()
+    # an affine map of the inputs does not change the result
+    torch.testing.assert_close(whiten(2 * x - 7, mask.double()), w, atol=1e-6, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Reward shaping
+
+def test_kl_penalty_zero_when_equal_and_exact_otherwise():
+    """-beta * (logp - ref_logp) on valid tokens: exactly 0 when the log-probs agree."""
+    g = torch.Generator().manual_seed(11)
+    logp = -torch.rand(4, 10, generator=g) * 5
+    mask = response_masks(4, 10, seed=12).float()
+    assert (kl_penalty_rewards(logp, logp.clone(), mask, 0.1) == 0).all()
+    ref = -torch.rand(4, 10, generator=g) * 5
+    r = kl_penalty_rewards(logp, ref, mask, 0.1)
+    assert torch.equal(r, torch.where(mask.bool(), -0.1 * (logp - ref), 0.0))
+
+
+def test_final_token_rewards_on_last_true_only():
+    """The score goes to the last True of each mask row (the eot) and nowhere else."""
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 0, 0, 0],
+                         [1, 0, 0, 0, 0, 0, 0],
+                         [0, 0, 0, 1, 0, 0, 0]], dtype=torch.float)
+    scores = torch.tensor([2.0, -3.0, 5.0, 0.5, 7.0])
+    out = final_token_rewards(scores, mask)
+    expected = torch.zeros(5, 7)
+    expected[0, 4], expected[1, 6], expected[3, 0], expected[4, 3] = 2.0, -3.0, 0.5, 7.0
+    assert torch.equal(out, expected)  # the all-False row gets nothing
+    assert torch.equal(final_token_rewards(scores, mask.bool()), expected)
+
+
+# -----------------------------------------------------------------------------
+# The clipped PPO loss
+
+def _loss_inputs(seed=13, B=3, T=8, spread=0.1):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = (old + spread * (2 * torch.rand(B, T, generator=g) - 1)).requires_grad_(True)
+    adv = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g).requires_grad_(True)
+    old_values = torch.randn(B, T, generator=g)
+    returns = torch.randn(B, T, generator=g)
+    mask = response_masks(B, T, seed=seed).float()
+    mask[0, 2:5] = 1  # at least one non-empty row
+    return logp, old, adv, values, old_values, returns, mask
+
+
+def test_ppo_loss_inside_clip_equals_unclipped():
+    """With every ratio inside [1-eps, 1+eps], loss and gradient are those of -mean(A * ratio)."""
+    logp, old, adv, values, old_values, returns, mask = _loss_inputs(spread=0.1)  # ratio in [0.905, 1.106]
+    eps = 0.2
+    assert ((logp - old).exp() - 1).abs().max() < eps
+    pg, _, stats = ppo_loss(logp, old, adv, values, old_values, returns, mask, eps)
+    ratio = (logp - old).exp()
+    by_hand = -(adv * ratio * mask).sum() / mask.sum()
+    torch.testing.assert_close(pg, by_hand, atol=1e-6, rtol=0)
+    (g1,) = torch.autograd.grad(pg, logp)
+    (g2,) = torch.autograd.grad(by_hand, logp)
+    torch.testing.assert_close(g1, g2, atol=1e-7, rtol=0)
+    assert stats["clipfrac"] == 0.0
+
+
+def test_ppo_loss_clipped_tokens_have_zero_gradient():
+    """Tokens whose ratio is outside the clip range in the advantage's direction get no gradient;
+    those outside against the advantage keep the unclipped gradient; clipfrac counts both."""
+    eps = 0.2
+    old = torch.zeros(1, 6)
+    # A>0 & r>1+eps (clipped), A<0 & r<1-eps (clipped), A>0 & r<1-eps (not clipped: pessimistic),
+    # A<0 & r>1+eps (not clipped), inside, masked
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.1, 3.0]])
+    adv = torch.tensor([[1.0, -2.0, 1.5, -0.5, 0.7, 1.0]])
+    mask = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
+    logp = ratio.log().requires_grad_(True)
+    z = torch.zeros(1, 6)
+    pg, _, stats = ppo_loss(logp, old, adv, z, z, z, mask, eps)
+    (grad,) = torch.autograd.grad(pg, logp)
+    n = mask.sum()
+    expected = torch.tensor([[0.0, 0.0, -1.5 * 0.5 / n, 0.5 * 1.5 / n, -0.7 * 1.1 / n, 0.0]])
+    torch.testing.assert_close(grad, expected, atol=1e-7, rtol=0)
+    assert stats["clipfrac"] == pytest.approx(4 / 5)
+    # the loss value itself: the pessimistic (max) of the two surrogates
+    by_hand = -(1.0 * 1.2 + -2.0 * 0.8 + 1.5 * 0.5 + -0.5 * 1.5 + 0.7 * 1.1) / 5
+    assert pg.item() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_ppo_loss_approx_kl_k3():
+    """approx_kl (k3 = (r - 1) - log r) is 0 at ratio 1 and positive otherwise."""
+    logp, old, adv, values, old_values, returns, mask = _loss_inputs(spread=0.5)
+    _, _, s0 = ppo_loss(old.clone(), old, adv, values, old_values, returns, mask)
+    assert s0["approx_kl"] == 0.0 and s0["clipfrac"] == 0.0
+    _, _, s1 = ppo_loss(logp, old, adv, values, old_values, returns, mask)
+    lr = (logp - old).detach()
+    k3 = (((lr.exp() - 1) - lr) * mask).sum() / mask.sum()
+    assert s1["approx_kl"] > 0
+    assert s1["approx_kl"] == pytest.approx(k3.item(), abs=1e-7)
+
+
+def test_ppo_value_loss_hand_computed():
+    """0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2), on a 1x3 case worked by hand."""
+    values = torch.tensor([[1.0, 0.5, -1.0]])
+    old_values = torch.zeros(1, 3)
+    returns = torch.tensor([[0.5, 1.0, 0.0]])
+    z = torch.zeros(1, 3)
+    # V_clipped = [0.2, 0.2, -0.2]; (V-R)^2 = [.25, .25, 1]; (Vc-R)^2 = [.09, .64, .04]; max = [.25, .64, 1]
+    _, v_all, s = ppo_loss(z, z, z, values, old_values, returns, torch.ones(1, 3), clip_vf=0.2)
+    assert v_all.item() == pytest.approx(0.5 * (0.25 + 0.64 + 1.0) / 3, abs=1e-7)
+    assert s["v_loss"] == pytest.approx(v_all.item())
+    _, v_two, _ = ppo_loss(z, z, z, values, old_values, returns, torch.tensor([[1.0, 1, 0]]), clip_vf=0.2)
+    assert v_two.item() == pytest.approx(0.5 * (0.25 + 0.64) / 2, abs=1e-7)
+
+
+def test_ppo_loss_masked_positions_get_zero_gradient():
+    """Backprop of pg_loss + v_loss leaves exactly zero gradient at masked positions."""
+    logp, old, adv, values, old_values, returns, mask = _loss_inputs(seed=17, B=4, T=10, spread=1.0)
+    pg, vl, _ = ppo_loss(logp, old, adv, values, old_values, returns, mask)
+    (pg + vl).backward()
+    m = mask.bool()
+    assert (logp.grad[~m] == 0).all() and (values.grad[~m] == 0).all()
+    assert logp.grad[m].abs().sum() > 0 and values.grad[m].abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# ActorCritic alignment
+
+def _left_padded(prompts):
+    P = max(map(len, prompts))
+    idx = torch.full((len(prompts), P), PAD, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, P - len(p):] = torch.tensor(p)
+    return idx, idx != PAD
+
+
+def test_actor_critic_logprobs_match_gpt():
+    """ActorCritic's log-probs are token_logprobs of the GPT's own logits (at any temperature)."""
+    ac = actor_critic()
+    idx, mask = _left_padded(random_prompts(4, seed=3, lo=3, hi=10))
+    with torch.no_grad():
+        for temp in (1.0, 0.7):
+            logp, values, logits = ac(idx, mask, temp)
+            gpt_logits = ac.gpt(idx, mask=mask)[0]
+            assert torch.equal(logits, gpt_logits)
+            torch.testing.assert_close(logp, token_logprobs(gpt_logits, idx, temp), atol=1e-6, rtol=0)
+            assert logp.shape == values.shape == idx.shape
+            assert (values[:, 0] == 0).all() and (logp[:, 0] == 0).all()
+
+
+def test_actor_critic_values_are_causal():
+    """Values at column t depend only on tokens < t: changing token t leaves columns <= t unchanged."""
+    ac = actor_critic()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(2, 50, (2, 12), generator=g)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    with torch.no_grad():
+        _, v, _ = ac(idx, mask)
+        for t in (0, 4, 10):
+            idx2 = idx.clone()
+            idx2[:, t] = (idx2[:, t] + 7 - 2) % 48 + 2
+            _, v2, _ = ac(idx2, mask)
+            assert torch.equal(v2[:, :t + 1], v[:, :t + 1])
+            assert (v2[:, t + 1] - v[:, t + 1]).abs().min() > 0  # and the next column does see it
+
+
+# -----------------------------------------------------------------------------
+# Rollout
+
+CFG = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=2, ppo_lr=1e-3, beta=0.05)
+
+
+def dense_reward(idx, real, resp):
+    return resp.float() * 0.1
+
+
+def _rollout(policy, ref, cfg=CFG, seed=0, reward_fn=dense_reward, max_new_tokens=8, prompts=None):
+    prompts = prompts if prompts is not None else random_prompts(cfg.rollout_batch, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return ppo.rollout(policy, ref, prompts, reward_fn, cfg, EOT, PAD, max_new_tokens, gen)
+
+
+def test_rollout_ratio_is_one_on_first_minibatch():
+    """Recomputing the policy on a minibatch of the rollout gives back its log-probs (ratio 1)."""
+    policy = actor_critic()
+    ref = copy.deepcopy(policy.gpt)
+    batch = _rollout(policy, ref)
+    mb = torch.randperm(CFG.rollout_batch, generator=torch.Generator().manual_seed(0))[:CFG.minibatch]
+    m = batch["mask"][mb].bool()
+    with torch.no_grad():
+        logp, values, _ = policy(batch["idx"][mb], batch["real"][mb], CFG.temperature)
+    ratio = (logp - batch["logp"][mb]).exp()
+    torch.testing.assert_close(ratio[m], torch.ones_like(ratio[m]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(values[m], batch["values"][mb][m], atol=1e-6, rtol=0)
+    assert m.any()
+
+
+def test_rollout_kl_zero_when_policy_equals_ref():
+    """Before any update (policy == ref) the KL stat is 0 and rewards are the task rewards only."""
+    policy = actor_critic()
+    ref = copy.deepcopy(policy.gpt)
+    batch = _rollout(policy, ref)
+    assert batch["stats"]["kl"] == 0.0
+    mask = batch["mask"]
+    truncated = ~(batch["idx"] == EOT).any(1)
+    task = dense_reward(batch["idx"], batch["real"], mask.bool())
+    task = task + final_token_rewards(truncated.float() * CFG.trunc_penalty, mask)
+    assert torch.equal(batch["rewards"], task)
+    # response mask and real-token mask are consistent with the padding
+    assert (batch["real"] == ((batch["idx"] != PAD) | mask.bool())).all()
+    assert not (mask.bool() & ~batch["real"]).any()
+
+
+def test_rollout_kl_penalty_against_different_ref():
+    """With a different reference, rewards = task rewards - beta * (logp - ref_logp) per token."""
+    policy = actor_critic()
+    ref = tiny(seed=5)
+    batch = _rollout(policy, ref)
+    idx, real, mask = batch["idx"], batch["real"], batch["mask"]
+    with torch.no_grad():
+        ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, CFG.temperature)
+    truncated = ~(idx == EOT).any(1)
+    task = dense_reward(idx, real, mask.bool()) + final_token_rewards(truncated.float() * CFG.trunc_penalty, mask)
+    expected = task + torch.where(mask.bool(), -CFG.beta * (batch["logp"] - ref_logp), 0.0)
+    torch.testing.assert_close(batch["rewards"], expected, atol=1e-6, rtol=0)
+    kl = torch.where(mask.bool(), batch["logp"] - ref_logp, 0.0).sum(1).mean().item()
+    assert batch["stats"]["kl"] == pytest.approx(kl, abs=1e-5)
+    assert batch["stats"]["kl"] != 0.0
+
+
+def test_rollout_returns_before_whitening_and_advantages_whitened():
+    """returns = GAE returns of the rollout's own rewards/values; advantages = whitened GAE advantages."""
+    policy = actor_critic()
+    ref = tiny(seed=5)
+    batch = _rollout(policy, ref)
+    mask = batch["mask"]
+    adv, ret = compute_gae(batch["rewards"], batch["values"], mask, CFG.gamma, CFG.lam)
+    assert torch.equal(batch["returns"], ret)
+    torch.testing.assert_close(batch["advantages"], whiten(adv, mask), atol=1e-6, rtol=0)
+    valid = batch["advantages"][mask.bool()]
+    assert abs(valid.mean().item()) < 1e-5
+    assert abs(valid.var(unbiased=False).item() - 1) < 1e-4
+    assert (batch["advantages"][~mask.bool()] == 0).all() and (batch["returns"][~mask.bool()] == 0).all()
+
+
+def test_rollout_truncation_penalty_on_last_token():
+    """Responses cut at the length limit get trunc_penalty on their last token; finished ones do not."""
+    policy = actor_critic()
+    ref = copy.deepcopy(policy.gpt)
+    zero = lambda idx, real, resp: torch.zeros(idx.shape)  # noqa: E731
+    cfg = PPOConfig(rollout_batch=8, trunc_penalty=-2.5)
+    batch = _rollout(policy, ref, cfg, reward_fn=zero, max_new_tokens=3)
+    resp = batch["mask"].bool()
+    for b in range(8):
+        cols = resp[b].nonzero().squeeze(1)
+        last = cols[-1].item()
+        ended = batch["idx"][b, last].item() == EOT
+        expected = torch.zeros(batch["idx"].size(1))
+        if not ended:
+            assert len(cols) == 3
+            expected[last] = -2.5
+        assert torch.equal(batch["rewards"][b], expected)
+    assert batch["stats"]["truncated"] == pytest.approx(
+        sum(batch["idx"][b, resp[b]][-1].item() != EOT for b in range(8)) / 8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_match_recomputed(temperature):
+    """Log-probs recorded by GPT.generate equal a full forward pass's (at the same temperature)."""
+    policy = actor_critic()
+    gen = torch.Generator().manual_seed(1)
+    idx, resp, lp = policy.gpt.generate(random_prompts(6, seed=2), 10, EOT, PAD,
+                                        temperature=temperature, generator=gen)
+    real = (idx != PAD) | resp
+    cfg = PPOConfig(temperature=temperature)
+    with torch.no_grad():
+        logp, _, _ = policy(idx, real, cfg.temperature)
+    torch.testing.assert_close(logp[resp], lp[resp], atol=1e-5, rtol=0)
+    assert (lp[~resp] == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Update
+
+def _opt(policy, lr):
+    return torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-5, weight_decay=0.0)
+
+
+def test_update_returns_finite_stats():
+    """One tiny iteration returns finite pg_loss, v_loss, approx_kl, clipfrac, entropy, explained_var."""
+    policy = actor_critic()
+    ref = copy.deepcopy(policy.gpt)
+    batch = _rollout(policy, ref)
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats = ppo.update(policy, _opt(policy, CFG.ppo_lr), batch, CFG, torch.Generator().manual_seed(0))
+    assert set(stats) == STAT_KEYS
+    for k, v in stats.items():
+        assert isinstance(v, float) and torch.isfinite(torch.tensor(v)), k
+    assert 0.0 <= stats["clipfrac"] <= 1.0 and stats["approx_kl"] >= 0.0 and stats["entropy"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+
+
+class Recorder(ActorCritic):
+    """ActorCritic that records the log-probs of each forward call."""
+
+    def forward(self, idx, mask, temperature=1.0):
+        out = super().forward(idx, mask, temperature)
+        self.calls.append(out[0].detach().clone())
+        return out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_update_first_minibatch_ratio_is_one(dropout):
+    """Inside update, the first minibatch of the first epoch sees ratio 1 (dropout off even if configured)."""
+    torch.manual_seed(0)
+    policy = Recorder(tiny(dropout=dropout)).train()
+    policy.calls = []
+    ref = copy.deepcopy(policy.gpt).eval()
+    batch = _rollout(policy, ref)
+    assert not policy.training
+    policy.calls = []
+    policy.train()
+    ppo.update(policy, _opt(policy, 1e-2), batch, CFG, torch.Generator().manual_seed(3))
+    assert not policy.training and not any(m.training for m in policy.modules())
+    mb = torch.randperm(CFG.rollout_batch, generator=torch.Generator().manual_seed(3))[:CFG.minibatch]
+    m = batch["mask"][mb].bool()
+    first = policy.calls[0]
+    torch.testing.assert_close(first[m], batch["logp"][mb][m], atol=1e-6, rtol=0)
+    assert len(policy.calls) == CFG.ppo_epochs * CFG.rollout_batch // CFG.minibatch
+
+
+def test_rollout_and_update_turn_dropout_off():
+    """A dropout=0.5 policy is in eval mode after rollout and update; two forward passes agree."""
+    policy = actor_critic(dropout=0.5).train()
+    ref = copy.deepcopy(policy.gpt).eval()
+    batch = _rollout(policy, ref)
+    assert not any(m.training for m in policy.modules())
+    policy.train()
+    ppo.update(policy, _opt(policy, 1e-3), batch, CFG, torch.Generator().manual_seed(0))
+    assert not any(m.training for m in policy.modules())
+    with torch.no_grad():
+        a = policy(batch["idx"], batch["real"])[0]
+        b = policy(batch["idx"], batch["real"])[0]
+    assert torch.equal(a, b)
+
+
+def test_update_raises_on_non_finite_loss():
+    """NaN advantages make the loss non-finite: update raises FloatingPointError before any step."""
+    policy = actor_critic()
+    ref = copy.deepcopy(policy.gpt)
+    batch = _rollout(policy, ref)
+    batch["advantages"] = torch.where(batch["mask"].bool(), float("nan"), 0.0)
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(FloatingPointError):
+        ppo.update(policy, _opt(policy, 1e-3), batch, CFG, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.parameters()))
+
+
+def test_update_learns_to_emit_rewarded_token():
+    """Rewarding token 7 at response positions raises its probability over a few dozen iterations."""
+    torch.manual_seed(0)
+    policy = ActorCritic(tiny(seed=0)).eval()
+    ref = copy.deepcopy(policy.gpt)
+    cfg = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=2, ppo_lr=3e-3, beta=0.01, trunc_penalty=0.0)
+    fn = lambda idx, real, resp: ((idx == 7) & resp).float()  # noqa: E731
+    opt = _opt(policy, cfg.ppo_lr)
+    gen, cpu_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    probe_idx, probe_mask = _left_padded(random_prompts(16, seed=99))
+
+    def p7():
+        with torch.no_grad():
+            logits = policy.gpt(probe_idx, mask=probe_mask)[0][:, -1]
+        return logits.softmax(-1)[:, 7].mean().item()
+
+    p_before, rewards = p7(), []
+    for it in range(30):
+        batch = ppo.rollout(policy, ref, random_prompts(8, seed=it), fn, cfg, EOT, PAD, 6, gen)
+        rewards.append(batch["stats"]["reward"])
+        stats = ppo.update(policy, opt, batch, cfg, cpu_gen)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    p_after = p7()
+    assert p_after > 3 * p_before, (p_before, p_after)
+    assert sum(rewards[-5:]) > sum(rewards[:5]) + 1.0, rewards

@@ -1,0 +1,313 @@
+"""Tests for reward.py: token and Bradley-Terry losses, which token the RMs read, token rewards,
+that a few steps of training lower the losses, and the evaluation metrics."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig  # noqa: E402
+from reward import SCHEMES, SeqRM, TokenRM, bt_loss, last_index, prf, spearman, token_loss  # noqa: E402
+
+torch.set_num_threads(1)
+
+PAD, EOT = 0, 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw):
+    """A tiny CPU GPT in eval mode."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def _randomise_head(head, seed=1, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(scale * torch.randn(head.weight.shape, generator=g))
+        head.bias.copy_(torch.randn(head.bias.shape, generator=g))
+
+
+def _batch(seed=0):
+    """A left-padded batch: idx, real-token mask, response mask, per-token classes (-1 off response)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [(2, 3, 5), (0, 4, 6), (4, 2, 4)]  # (left padding, prompt length, response length)
+    T = 10  # every row's total
+    idx = torch.full((len(rows), T), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    resp = torch.zeros_like(mask)
+    for b, (p, n, k) in enumerate(rows):
+        s = T - n - k  # rows end together: s == p
+        assert s == p
+        idx[b, s:] = torch.randint(2, 50, (n + k,), generator=g)
+        mask[b, s:] = True
+        resp[b, s + n:] = True
+    classes = torch.where(resp, torch.randint(0, 2, idx.shape, generator=g), -1)
+    return idx, mask, resp, classes
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+def test_token_loss_hand_computed():
+    """Mean of -log softmax over non-ignored tokens on a 1x3, 2-class case."""
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [0.5, -0.5]]])
+    classes = torch.tensor([[0, 1, -1]])
+    nll0 = math.log(1 + math.exp(-2.0))  # -log softmax([2, 0])[0]
+    nll1 = math.log(1 + math.exp(-1.0))  # -log softmax([0, 1])[1]
+    assert token_loss(logits, classes).item() == pytest.approx((nll0 + nll1) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("w", [0.25, 1.0, 3.0])
+def test_token_loss_bad_weight_is_weighted_mean(w):
+    """With bad_weight=w, the loss is sum(w_i * nll_i) / sum(w_i), w_i = w on class 0 (PyTorch's convention)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=g)
+    classes = torch.tensor([[0, 1, 2, -1, 0], [-1, 2, 0, 1, 1]])
+    nll = -F.log_softmax(logits, -1)
+    num = den = 0.0
+    for b in range(2):
+        for t in range(5):
+            c = int(classes[b, t])
+            if c == -1:
+                continue
+            wi = w if c == 0 else 1.0
+            num += wi * float(nll[b, t, c])
+            den += wi
+    assert token_loss(logits, classes, bad_weight=w).item() == pytest.approx(num / den, abs=1e-6)
+
+
+def test_token_loss_ignores_logits_at_ignored_positions():
+    """Logits at positions labelled -1 change neither the loss nor receive gradient."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 2, generator=g).requires_grad_(True)
+    classes = torch.tensor([[-1, -1, 0, 1, 1, -1], [-1, 0, 0, 1, -1, -1]])
+    loss = token_loss(logits, classes, bad_weight=2.0)
+    loss.backward()
+    ign = classes == -1
+    assert (logits.grad[ign] == 0).all()
+    other = logits.detach().clone()
+    other[ign] = 100 * torch.randn(int(ign.sum()), 2, generator=g)
+    assert token_loss(other, classes, bad_weight=2.0).item() == loss.item()
+
+
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+def test_token_rm_loss_ignores_padding_token_ids(scheme):
+    """On a left-padded batch, changing the token ids at padding positions leaves the token loss unchanged."""
+    rm = TokenRM(tiny(), scheme).eval()
+    _randomise_head(rm.head)
+    idx, mask, resp, classes = _batch()
+    with torch.no_grad():
+        loss = token_loss(rm(idx, mask), classes)
+        idx2 = torch.where(mask, idx, torch.randint(2, 50, idx.shape, generator=torch.Generator().manual_seed(5)))
+        assert not torch.equal(idx2, idx)
+        loss2 = token_loss(rm(idx2, mask), classes)
+        # and the real positions' outputs themselves do not move
+        torch.testing.assert_close(rm(idx2, mask)[mask], rm(idx, mask)[mask], atol=1e-6, rtol=0)
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_bt_loss_hand_computed():
+    """-log sigmoid(margin): log(1 + e^-1) for margin 1, log 2 for a tie, averaged over pairs."""
+    assert bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-7)
+    assert bt_loss(torch.tensor([0.3]), torch.tensor([0.3])).item() == pytest.approx(math.log(2), abs=1e-7)
+    pair = bt_loss(torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.5]))
+    assert pair.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1.5))) / 2, abs=1e-6)
+
+
+def test_bt_loss_swap_symmetry():
+    """Swapping chosen and rejected negates the margin: bt(a, b) - bt(b, a) = -(a - b) per pair."""
+    g = torch.Generator().manual_seed(2)
+    a, b = 3 * torch.randn(20, generator=g, dtype=torch.float64), 3 * torch.randn(20, generator=g, dtype=torch.float64)
+    for ai, bi in zip(a, b):
+        ai, bi = ai.view(1), bi.view(1)
+        assert bt_loss(bi, ai).item() == pytest.approx(-F.logsigmoid(bi - ai).item(), abs=1e-12)
+        assert (bt_loss(ai, bi) - bt_loss(bi, ai)).item() == pytest.approx(-(ai - bi).item(), abs=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# Which token the RMs read
+
+def test_last_index_hand_masks():
+    """last_index finds the last True of each row, wherever the padding is."""
+    mask = torch.tensor([[0, 1, 1, 0],
+                         [1, 0, 0, 0],
+                         [1, 1, 1, 1],
+                         [0, 0, 1, 0],
+                         [0, 0, 0, 1],
+                         [1, 0, 1, 0]], dtype=torch.bool)  # a gap: still the last True
+    assert last_index(mask).tolist() == [2, 0, 3, 2, 3, 2]
+    assert last_index(mask.float()).tolist() == [2, 0, 3, 2, 3, 2]
+
+
+def test_seq_rm_reads_last_real_token():
+    """Left and right padding (mask False) leave SeqRM's score equal to that of the bare sequence."""
+    rm = SeqRM(tiny()).eval()
+    _randomise_head(rm.head)
+    seq = torch.tensor([5, 9, 23, 41, 7, EOT])
+    with torch.no_grad():
+        alone = rm(seq[None], torch.ones(1, 6, dtype=torch.bool))
+        for left, right in [(3, 0), (0, 2), (3, 2), (1, 5)]:
+            T = left + 6 + right
+            idx = torch.full((1, T), PAD, dtype=torch.long)
+            idx[0, left:left + 6] = seq
+            idx[0, left + 6:] = torch.arange(right) + 30  # right padding need not be PAD tokens
+            mask = torch.zeros(1, T, dtype=torch.bool)
+            mask[0, left:left + 6] = True
+            torch.testing.assert_close(rm(idx, mask), alone, atol=1e-5, rtol=0)
+        # and it does read the eot: changing the last real token changes the score
+        other = seq.clone()
+        other[-1] = 11
+        assert (rm(other[None], torch.ones(1, 6, dtype=torch.bool)) - alone).abs().item() > 1e-4
+        # a batch of rows with different paddings scores each row as if alone
+        idx = torch.tensor([[PAD, PAD, 5, 9, 23, 41, 7, EOT],
+                            [5, 9, 23, 41, 7, EOT, PAD, PAD]])
+        mask = idx != PAD
+        torch.testing.assert_close(rm(idx, mask), alone.expand(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+def test_token_rewards_values(scheme):
+    """token_rewards is 0 off the response and -p(bad) resp. p(good) - p(bad) on it, within its range."""
+    rm = TokenRM(tiny(), scheme).eval()
+    _randomise_head(rm.head, scale=10.0)
+    idx, mask, resp, _ = _batch()
+    with torch.no_grad():
+        r = rm.token_rewards(idx, mask, resp)
+        p = F.softmax(rm(idx, mask), -1)
+    assert rm.head.out_features == (2 if scheme == "bad_vs_rest" else 3)
+    assert r.shape == idx.shape
+    assert (r[~resp] == 0).all()
+    if scheme == "bad_vs_rest":
+        expected = -p[..., 0]
+        assert (r >= -1).all() and (r <= 0).all()
+    else:
+        expected = p[..., 2] - p[..., 0]
+        assert (r >= -1).all() and (r <= 1).all()
+    torch.testing.assert_close(r[resp], expected[resp], atol=1e-6, rtol=0)
+    assert r[resp].abs().max() > 0.05  # not trivially zero
+
+
+def test_token_rm_unknown_scheme_raises():
+    """An unknown scheme is refused with a message naming the allowed ones."""
+    with pytest.raises((AssertionError, ValueError)) as e:
+        TokenRM(tiny(), "good_vs_rest")
+    for name in SCHEMES:
+        assert name in str(e.value)
+
+
+def test_schemes_map_bad_to_class_zero():
+    """Gold label -1 (bad) is class 0 in every scheme; bad_vs_rest merges neutral and good."""
+    for s in SCHEMES.values():
+        assert s[-1] == 0
+    assert SCHEMES["bad_vs_rest"][0] == SCHEMES["bad_vs_rest"][1] == 1
+    assert sorted(SCHEMES["paper"].values()) == [0, 1, 2]
+
+
+# -----------------------------------------------------------------------------
+# Training lowers the losses
+
+def _train(model, loss_fn, steps=30, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.eval()  # no dropout in these tiny models anyway
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(loss_fn().item())
+    return losses
+
+
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+def test_token_rm_training_lowers_loss(scheme):
+    """~30 AdamW steps on a tiny batch lower the token loss well below its start."""
+    rm = TokenRM(tiny(), scheme)
+    idx, mask, resp, classes = _batch()
+    if scheme == "paper":
+        classes = torch.where(resp, torch.randint(0, 3, idx.shape, generator=torch.Generator().manual_seed(4)), -1)
+    losses = _train(rm, lambda: token_loss(rm(idx, mask), classes))
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_seq_rm_training_lowers_bt_loss():
+    """~30 AdamW steps on a tiny batch of pairs lower the Bradley-Terry loss to under half its start."""
+    rm = SeqRM(tiny())
+    g = torch.Generator().manual_seed(6)
+    chosen = torch.randint(2, 50, (4, 7), generator=g)
+    rejected = torch.randint(2, 50, (4, 7), generator=g)
+    chosen[:, -1] = rejected[:, -1] = EOT
+    chosen[1, :2] = PAD  # one left-padded row
+    cm, rj = chosen != PAD, rejected != PAD
+    losses = _train(rm, lambda: bt_loss(rm(chosen, cm), rm(rejected, rj)))
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+def test_prf_hand_case():
+    """Precision, recall and F1 of one class, worked by hand; no predictions of it gives 0, not an error."""
+    pred = torch.tensor([0, 0, 1, 1, 0, 0])
+    gold = torch.tensor([0, 1, 1, 0, 0, 1])
+    out = prf(pred, gold, 0)  # tp = 2, predicted 4, gold 3
+    assert out["precision"] == pytest.approx(0.5)
+    assert out["recall"] == pytest.approx(2 / 3)
+    assert out["f1"] == pytest.approx(4 / 7)
+    out1 = prf(pred, gold, 1)  # tp = 1, predicted 2, gold 3
+    assert (out1["precision"], out1["recall"], out1["f1"]) == pytest.approx((0.5, 1 / 3, 0.4))
+    none = prf(torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), 0)
+    assert none == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_spearman_monotone_and_reversed():
+    """Spearman is 1 for any increasing relation and -1 for a decreasing one."""
+    x = [0.5, -2.0, 3.0, 1.0, 10.0, -7.0]
+    assert spearman(x, [v ** 3 + 1 for v in x]) == pytest.approx(1.0, abs=1e-12)
+    assert spearman(x, [math.exp(-v) for v in x]) == pytest.approx(-1.0, abs=1e-12)
+    assert spearman(torch.tensor(x), torch.tensor(x)) == pytest.approx(1.0, abs=1e-12)
+
+
+def _average_ranks(v):
+    """1-based ranks, ties sharing the mean of the positions they span (computed by counting)."""
+    v = list(v)
+    return [sum(u < w for u in v) + (sum(u == w for u in v) + 1) / 2 for w in v]
+
+
+def test_spearman_with_ties_hand_computed():
+    """With ties, Spearman is the Pearson correlation of average ranks (x=[1,2,2,3], y=[1,3,2,4]: 4.5/sqrt(22.5))."""
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.integers(0, 4, 12).astype(float)  # many ties
+        y = x + rng.integers(-2, 3, 12)
+        expected = np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1]
+        assert spearman(x.tolist(), y.tolist()) == pytest.approx(expected, abs=1e-12)
+
+
+def test_spearman_matches_scipy():
+    """Agrees with scipy.stats.spearmanr on tied data."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 5, 30).astype(float)
+    y = 0.5 * x + rng.normal(size=30).round(0)
+    assert spearman(x.tolist(), y.tolist()) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
