@@ -65,6 +65,7 @@ class Config:
     n_judge: int = 500           # SFT samples judged (sft/metrics.json) and used to fit reward scales
     # preference data: the annotation budget, the same for every method
     n_pairs: int = 1000
+    data: str = ""               # your own preference JSONL instead of the toy world (see README)
     # RL and evaluation
     methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg
     seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
@@ -85,6 +86,7 @@ PRESETS = {
                 sft_lr=1e-3, warmup=200),
 }
 SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
+CHOICES = {"tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
 
 
 def parse_args(argv):
@@ -113,6 +115,8 @@ def parse_args(argv):
             values[k] = {bool: lambda s: {"true": True, "false": False, "1": True, "0": False}[s.lower()]}.get(typ, typ)(v)
         except (ValueError, KeyError):
             sys.exit(f"error: --{k}={v!r} is not a valid {typ.__name__}")
+        if k in CHOICES and values[k] not in CHOICES[k]:
+            sys.exit(f"error: --{k}={v!r} is not allowed; allowed values: {', '.join(CHOICES[k])}")
     cfgs = {cls: cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in SECTIONS}
     return cfgs, force, preset
 
@@ -161,16 +165,16 @@ def load_gpt(path, device):
     return model
 
 
-def sample_responses(model, enc, prompts, cfg, device, gen, temperature=1.0, batch=64):
+def sample_responses(ctx, model, prompts, gen, temperature=1.0, batch=64):
     """Decoded responses for prompts (eot stripped), sampled in batches with the KV cache."""
-    sp, out = tok.special_ids(enc), []
+    out = []
     model.eval()
     for i in range(0, len(prompts), batch):
-        ids = [tok.prompt_ids(enc, p) for p in prompts[i:i + batch]]
-        idx, resp_mask, _ = model.generate(ids, cfg.max_new_tokens, sp["<|endoftext|>"], sp["<|pad|>"],
-                                           temperature=temperature, generator=gen)
+        ids = [ctx.prompt_ids(p) for p in prompts[i:i + batch]]
+        idx, resp_mask, _ = model.generate(ids, ctx.cfg.max_new_tokens, ctx.sp["<|endoftext|>"],
+                                           ctx.sp["<|pad|>"], temperature=temperature, generator=gen)
         for row, m in zip(idx.tolist(), resp_mask.tolist()):
-            out.append(tok.decode_response(enc, [t for t, k in zip(row, m) if k]))
+            out.append(tok.decode_response(ctx.enc, [t for t, k in zip(row, m) if k]))
     return out
 
 
@@ -184,11 +188,20 @@ def stage_sft(ctx):
         return
     t0 = time.time()
     rng = random.Random(cfg.seed)
-    prompts = [data.sample_prompt(rng, world) for _ in range(cfg.n_sft)]
-    corpus = [(p, data.noisy_response(p, rng, world)) for p in prompts]
-    enc = tok.get_tokenizer(cfg.tokenizer, texts=[p + " " + r for p, r in corpus],
-                            path=os.path.join(cfg.out, "tokenizer.tiktoken"), vocab_size=cfg.vocab_size)
+    if ctx.records is None:  # the toy world's noisy corpus
+        prompts = [data.sample_prompt(rng, world) for _ in range(cfg.n_sft)]
+        corpus = [(p, data.noisy_response(p, rng, world)) for p in prompts]
+        texts = [p + " " + r for p, r in corpus]
+    else:  # your own data: SFT on the chosen (and edited) responses
+        corpus = [(r["prompt"], r[k]) for r in ctx.train_records for k in ("chosen", "edited") if k in r]
+        texts = [r[k] for r in ctx.records for k in data.FIELDS if k in r]
+    try:
+        enc = tok.get_tokenizer(cfg.tokenizer, texts=texts, path=os.path.join(cfg.out, "tokenizer.tiktoken"),
+                                vocab_size=cfg.vocab_size)
+    except RuntimeError as e:  # tokenizer=gpt2 without its files
+        sys.exit(f"error: {e}")
     sp = tok.special_ids(enc)
+    ctx.enc, ctx.sp = enc, sp
     # One example = prompt + response; the loss is on response tokens only (targets -1 elsewhere).
     examples = []
     for p, r in corpus:
@@ -238,17 +251,19 @@ def stage_sft(ctx):
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
             tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
 
-    # The judge's view of fresh samples at temperature 1 against the corpus it learned from.
+    # Fresh samples at temperature 1 (they also fit the reward scales later), and in the toy
+    # world the judge's view of them against the corpus the model learned from.
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    jp = [data.sample_prompt(rng, world) for _ in range(cfg.n_judge)]
-    samples = sample_responses(model, enc, jp, cfg, device, gen)
+    jp = [ctx.sample_prompt(rng) for _ in range(cfg.n_judge)]
+    samples = sample_responses(ctx, model, jp, gen)
     write_json({"prompts": jp, "responses": samples}, os.path.join(cfg.out, "sft", "samples.json"))
-    metrics = {"val_loss": val_loss(), "samples": data.error_rates(jp, samples),
-               "corpus": data.error_rates(prompts[:2000], [r for _, r in corpus[:2000]]),
-               "time_s": time.time() - t0}
+    metrics = {"val_loss": val_loss(), "time_s": time.time() - t0}
+    if ctx.records is None:
+        metrics["samples"] = data.error_rates(jp, samples)
+        metrics["corpus"] = data.error_rates([p for p, _ in corpus[:2000]], [r for _, r in corpus[:2000]])
+        print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
     write_json(metrics, os.path.join(cfg.out, "sft", "metrics.json"))
     save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
-    print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
 
 
 # -----------------------------------------------------------------------------
@@ -267,6 +282,10 @@ def stage_prefs(ctx):
     cfg, path = ctx.cfg, os.path.join(ctx.cfg.out, "prefs.jsonl")
     if ctx.skip(path):
         return
+    if ctx.records is not None:  # your own data: the pairs (less the judge's split) are the prefs
+        data.write_jsonl(path, ctx.train_records)
+        print(f"prefs: {len(ctx.train_records)} pairs from {cfg.data} ({len(ctx.judge_records)} more kept for the judge RM)")
+        return
     sft = load_gpt(os.path.join(cfg.out, "sft", "model.pt"), ctx.device)
     rng = random.Random(cfg.seed + 1)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
@@ -274,7 +293,7 @@ def stage_prefs(ctx):
     pbar = tqdm(total=cfg.n_pairs, desc="prefs", dynamic_ncols=True)
     while len(records) < cfg.n_pairs:
         prompts = [data.sample_prompt(rng, ctx.world) for _ in range(32)]
-        samples = sample_responses(sft, ctx.enc, prompts + prompts, cfg, ctx.device, gen)
+        samples = sample_responses(ctx, sft, prompts + prompts, gen)
         for p, a, b in zip(prompts, samples[:32], samples[32:]):
             sa, sb = data.score(p, a), data.score(p, b)
             if sa == sb or not a.strip() or not b.strip():  # ties (and rare empty samples) are dropped
@@ -412,13 +431,14 @@ def stage_rm(ctx, seed):
     random.Random(seed).shuffle(records)
     n_val = max(len(records) // 10, 1)  # held-out pairs
     val, train = records[:n_val], records[n_val:]
+    toy, edits = ctx.records is None, all("edited" in r for r in records)
     sft_path, pad = os.path.join(cfg.out, "sft", "model.pt"), ctx.sp["<|pad|>"]
     ctx.seed = seed
     torch.manual_seed(seed)
-    metrics = {}
+    rms = {}
 
     # Token-level RM: per-token cross-entropy on the diff labels of (rejected, edited).
-    ex = rm_examples(ctx, train, rmc.rm_scheme)  # pair i -> examples 2i (rejected) and 2i+1 (edited)
+    ex = rm_examples(ctx, train, rmc.rm_scheme) if edits else []  # pair i -> examples 2i, 2i+1
 
     def token_batch(exs):
         idx, mask = pad_left([x for x, _ in exs], pad)
@@ -427,86 +447,111 @@ def stage_rm(ctx, seed):
 
     def token_loss(pairs):
         idx, mask, cls = token_batch([ex[2 * i + j] for i in pairs for j in (0, 1)])
-        return reward.token_loss(trm(idx, mask), cls, rmc.rm_bad_weight)
-
-    trm = reward.TokenRM(load_gpt(sft_path, ctx.device), rmc.rm_scheme).to(ctx.device)
-    train_rm(ctx, trm, token_loss, len(train), "rm token")
+        return reward.token_loss(rms["token"](idx, mask), cls, rmc.rm_bad_weight)
 
     # Sequence-level RMs: Bradley-Terry on (chosen, rejected), and on (edited, rejected).
-    def bt(rm, better):
+    def bt(name, better):
         def loss(pairs):
             ps = [train[i]["prompt"] for i in pairs]
-            hi = rm(*seq_batch(ctx, ps, [train[i][better] for i in pairs]))
-            lo = rm(*seq_batch(ctx, ps, [train[i]["rejected"] for i in pairs]))
+            hi = rms[name](*seq_batch(ctx, ps, [train[i][better] for i in pairs]))
+            lo = rms[name](*seq_batch(ctx, ps, [train[i]["rejected"] for i in pairs]))
             return reward.bt_loss(hi, lo)
         return loss
 
-    srm = reward.SeqRM(load_gpt(sft_path, ctx.device)).to(ctx.device)
-    train_rm(ctx, srm, bt(srm, "chosen"), len(train), "rm seq")
-    erm = reward.SeqRM(load_gpt(sft_path, ctx.device)).to(ctx.device)
-    train_rm(ctx, erm, bt(erm, "edited"), len(train), "rm seq_edits")
+    plan = [("token", token_loss), ("seq", bt("seq", "chosen")), ("seq_edits", bt("seq_edits", "edited"))]
+    for name, loss in plan if edits else plan[1:2]:
+        gpt = load_gpt(sft_path, ctx.device)
+        rms[name] = (reward.TokenRM(gpt, rmc.rm_scheme) if name == "token" else reward.SeqRM(gpt)).to(ctx.device)
+        train_rm(ctx, rms[name], loss, len(train), f"rm {name}")
 
-    # Held-out token metrics: per-class precision/recall/F1, bad recall by error type.
-    vex = rm_examples(ctx, val, rmc.rm_scheme)
-    pred, gold, by_type = [], [], {}
-    with torch.no_grad():
-        for i in range(0, len(vex), 64):
-            idx, mask, cls = token_batch(vex[i:i + 64])
-            p = trm(idx, mask).argmax(-1)
-            pred.append(p[cls != -1])
-            gold.append(cls[cls != -1])
-            for j in range(0, idx.size(0), 2):  # rejected responses: which errors are caught
-                r = val[(i + j) // 2]
-                labels, _ = label_pair(ctx.enc, r["rejected"], r["edited"], rmc.rm_scheme)
-                hits = p[j][cls[j] != -1].tolist()
-                for t, h in zip(error_types(ctx, r, labels), hits):
-                    if t is not None:
-                        by_type.setdefault(t, []).append(h == 0)
-    pred, gold = torch.cat(pred), torch.cat(gold)
-    names = ["bad", "neutral", "good"] if rmc.rm_scheme == "paper" else ["bad", "rest"]
-    flips = fact_flips(300, seed + 7)
+    # Metrics every RM gets: held-out pairwise accuracy; in the toy world also fact-flip
+    # accuracy and Spearman against the gold judge on SFT samples.
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-    gold_sft = [data.score(p, r) for p, r in zip(samples["prompts"], samples["responses"])]
+    lens = [len(tok.response_ids(ctx.enc, r)) for r in samples["responses"]]
     vp = [r["prompt"] for r in val]
-
-    def common(rm):  # metrics every RM gets
+    flips = fact_flips(300, seed + 7) if toy else []
+    gold_sft = ctx.scores(samples["prompts"], samples["responses"]) if toy else None
+    metrics, norms = {}, {}
+    for name, rm in rms.items():
         s_sft = seq_scores(ctx, rm, samples["prompts"], samples["responses"])
-        good = seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips])
-        bad = seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips])
+        # Reward scale for PPO, fitted on SFT samples so all methods start on equal footing:
+        # token rewards centred per token (rm_center) and scaled so a response's sum has
+        # std 1; sequence scores standardised to mean 0, std 1.
+        c = sum(s_sft) / sum(lens) if name == "token" and rmc.rm_center else 0.0
+        sums = [s - c * n for s, n in zip(s_sft, lens)] if name == "token" else s_sft  # what PPO sees
+        t = torch.tensor(sums)
+        norms[name] = {"center": c, "scale": t.std().item()} if name == "token" else \
+            {"center": t.mean().item(), "scale": t.std().item()}
         hi = seq_scores(ctx, rm, vp, [r["chosen"] for r in val])
         lo = seq_scores(ctx, rm, vp, [r["rejected"] for r in val])
-        return s_sft, {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val),
-                       "fact_flip_acc": sum(g > b for g, b in zip(good, bad)) / len(flips),
-                       "spearman_vs_judge": reward.spearman(s_sft, gold_sft)}
-
-    s_sft, metrics["token"] = common(trm)
-    # Reward scale for PPO, fitted on SFT samples so both methods start on equal footing:
-    # token rewards centred per token (rm_center) and scaled so a response's sum has std 1;
-    # sequence scores standardised.
-    lens = [len(tok.response_ids(ctx.enc, r)) for r in samples["responses"]]
-    c = sum(s_sft) / sum(lens) if rmc.rm_center else 0.0
-    sums = [s - c * n for s, n in zip(s_sft, lens)]  # the summed reward PPO will see
-    norms = {"token": {"center": c, "scale": torch.tensor(sums).std().item()}}
-    metrics["token"]["spearman_vs_judge"] = reward.spearman(sums, gold_sft)
-    metrics["token"].update({"scheme": rmc.rm_scheme, **{f"{n}_{k}": v for c, n in enumerate(names)
-                                                           for k, v in reward.prf(pred, gold, c).items()},
-                             "bad_recall_by_type": {t: sum(h) / len(h) for t, h in sorted(by_type.items())}})
-    for name, rm in (("seq", srm), ("seq_edits", erm)):
-        s, metrics[name] = common(rm)
-        s = torch.tensor(s)
-        norms[name] = {"center": s.mean().item(), "scale": s.std().item()}
-    er = seq_scores(ctx, erm, vp, [r["edited"] for r in val])
-    metrics["seq_edits"]["pairwise_acc_edited_vs_rejected"] = sum(
-        e > l for e, l in zip(er, seq_scores(ctx, erm, vp, [r["rejected"] for r in val]))) / len(val)
-    for name, rm in (("token", trm), ("seq", srm), ("seq_edits", erm)):
+        m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}
+        if toy:
+            good = seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips])
+            bad = seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips])
+            m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
+            m["spearman_vs_judge"] = reward.spearman(sums, gold_sft)
+    if "seq_edits" in rms:
+        e = seq_scores(ctx, rms["seq_edits"], vp, [r["edited"] for r in val])
+        r = seq_scores(ctx, rms["seq_edits"], vp, [r["rejected"] for r in val])
+        metrics["seq_edits"]["pairwise_acc_edited_vs_rejected"] = sum(a > b for a, b in zip(e, r)) / len(val)
+    if "token" in rms:
+        metrics["token"].update(token_metrics(ctx, rms["token"], val, token_batch, toy))
+    for name, rm in rms.items():
         save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config),
                      "norm": norms[name], "scheme": rmc.rm_scheme}, os.path.join(d, f"{name}.pt"))
     metrics["norm"] = norms
     write_json(metrics, os.path.join(d, "metrics.json"))
-    for name in ("token", "seq", "seq_edits"):
+    for name in rms:
         print(f"rm {name}: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, float)))
-    print("rm token bad recall by error type: " + " | ".join(
-        f"{k} {v:.2f}" for k, v in metrics["token"]["bad_recall_by_type"].items()))
+    if toy and "token" in rms:
+        print("rm token bad recall by error type: " + " | ".join(
+            f"{k} {v:.2f}" for k, v in metrics["token"]["bad_recall_by_type"].items()))
+
+
+@torch.no_grad()
+def token_metrics(ctx, trm, val, token_batch, toy):
+    """Held-out per-class precision/recall/F1 of the token RM; in the toy world also the
+    bad-class recall by error type (which errors the RM catches)."""
+    scheme = ctx.rmc.rm_scheme
+    vex = rm_examples(ctx, val, scheme)
+    pred, gold, by_type = [], [], {}
+    for i in range(0, len(vex), 64):
+        idx, mask, cls = token_batch(vex[i:i + 64])
+        p = trm(idx, mask).argmax(-1)
+        pred.append(p[cls != -1])
+        gold.append(cls[cls != -1])
+        for j in range(0, idx.size(0), 2) if toy else []:  # the rejected responses
+            r = val[(i + j) // 2]
+            labels, _ = label_pair(ctx.enc, r["rejected"], r["edited"], scheme)
+            for t, h in zip(error_types(ctx, r, labels), p[j][cls[j] != -1].tolist()):
+                if t is not None:
+                    by_type.setdefault(t, []).append(h == 0)
+    pred, gold = torch.cat(pred), torch.cat(gold)
+    names = ["bad", "neutral", "good"] if scheme == "paper" else ["bad", "rest"]
+    out = {"scheme": scheme, **{f"{n}_{k}": v for c, n in enumerate(names) for k, v in reward.prf(pred, gold, c).items()}}
+    if toy:
+        out["bad_recall_by_type"] = {t: sum(h) / len(h) for t, h in sorted(by_type.items())}
+    return out
+
+
+def stage_judge(ctx):
+    """Your own data has no gold judge: a sequence RM trained on a split of the pairs that
+    no other model sees stands in for it. It is biased (it shares the SFT trunk and the
+    annotators' taste), and the report says so."""
+    path = os.path.join(ctx.cfg.out, "rm", "judge.pt")
+    if ctx.records is None or ctx.skip(path):
+        return
+    recs = ctx.judge_records
+    ctx.seed = ctx.cfg.seed
+    rm = reward.SeqRM(load_gpt(os.path.join(ctx.cfg.out, "sft", "model.pt"), ctx.device)).to(ctx.device)
+
+    def loss(pairs):
+        ps = [recs[i]["prompt"] for i in pairs]
+        return reward.bt_loss(rm(*seq_batch(ctx, ps, [recs[i]["chosen"] for i in pairs])),
+                              rm(*seq_batch(ctx, ps, [recs[i]["rejected"] for i in pairs])))
+    train_rm(ctx, rm, loss, len(recs), "judge rm")
+    save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config),
+                 "norm": {"center": 0.0, "scale": 1.0}, "scheme": ""}, path)
 
 
 def load_rm(path, device):
@@ -594,12 +639,12 @@ def eval_set(ctx):
         return json.load(open(path))
     cfg = ctx.cfg
     rng = random.Random(cfg.seed + 1000)
-    prompts = [data.sample_prompt(rng, ctx.world) for _ in range(cfg.n_eval)]
+    pool = [r["prompt"] for r in ctx.judge_records] if ctx.records else None  # prompts no RM trained on
+    prompts = [rng.choice(pool) if pool else data.sample_prompt(rng, ctx.world) for _ in range(cfg.n_eval)]
     sft = load_gpt(os.path.join(cfg.out, "sft", "model.pt"), ctx.device)
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1000)
-    refs = [sample_responses(sft, ctx.enc, prompts, cfg, ctx.device, gen) for _ in range(cfg.k_ref)]
-    out = {"prompts": prompts, "refs": refs,
-           "ref_scores": [[data.score(p, r) for p, r in zip(prompts, rs)] for rs in refs]}
+    refs = [sample_responses(ctx, sft, prompts, gen) for _ in range(cfg.k_ref)]
+    out = {"prompts": prompts, "refs": refs, "ref_scores": [ctx.scores(prompts, rs) for rs in refs]}
     write_json(out, path)
     return out
 
@@ -609,13 +654,12 @@ def evaluate(ctx, model, ev, n=None, seed=0):
     judge's error rates of the policy's samples (one per prompt, temperature 1)."""
     prompts = ev["prompts"][:n]
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed + 2000 + seed)
-    responses = sample_responses(model, ctx.enc, prompts, ctx.cfg, ctx.device, gen)
+    responses = sample_responses(ctx, model, prompts, gen)
     wins = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        s = data.score(p, r)
+    for i, s in enumerate(ctx.scores(prompts, responses)):
         refs = [rs[i] for rs in ev["ref_scores"]]
         wins.append(sum(1.0 if s > q else 0.5 if s == q else 0.0 for q in refs) / len(refs))
-    return wins, data.error_rates(prompts, responses), responses
+    return wins, ctx.rates(prompts, responses), responses
 
 
 def stage_ppo(ctx, method, seed):
@@ -652,7 +696,7 @@ def stage_ppo(ctx, method, seed):
     sp = ctx.sp
     pbar = tqdm(range(start, pc.ppo_iters), desc=f"{method} s{seed}", dynamic_ncols=True)
     for it in pbar:
-        prompts = [tok.prompt_ids(ctx.enc, data.sample_prompt(rng, ctx.world)) for _ in range(pc.rollout_batch)]
+        prompts = [ctx.prompt_ids(ctx.sample_prompt(rng)) for _ in range(pc.rollout_batch)]
         batch = ppo.rollout(policy, ref, prompts, fn, pc, sp["<|endoftext|>"], sp["<|pad|>"],
                             cfg.max_new_tokens, gen)
         try:
@@ -708,7 +752,7 @@ def final_eval(ctx, method, seed, ev):
 def stage_report(ctx, seeds, methods, timing):
     cfg = ctx.cfg
     ev = eval_set(ctx)
-    sft_rates = data.error_rates(ev["prompts"], ev["refs"][0])
+    sft_rates = ctx.rates(ev["prompts"], ev["refs"][0])
     res = {m: [final_eval(ctx, m, s, ev) for s in seeds] for m in methods}
     out = {"config": ctx.config_dict, "seeds": seeds, "methods": {"sft": sft_rates}}
     for m in methods:
@@ -732,24 +776,30 @@ def stage_report(ctx, seeds, methods, timing):
 
 
 def write_results_md(ctx, out, methods):
-    cols = ["wrong", "missing", "rude", "off_topic", "unparseable", "repeated", "unrequested"]
+    cols = [c for c in ("wrong", "missing", "rude", "off_topic", "unparseable", "repeated", "unrequested")
+            if c in out["methods"]["sft"]]  # error rates exist only in the toy world
+    row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
     lines = [f"# Results ({len(out['seeds'])} seed(s), {ctx.cfg.n_eval} evaluation prompts, "
              f"K={ctx.cfg.k_ref} SFT reference samples each)", "",
-             "| method | win rate vs SFT [95% CI] | judge score | " + " | ".join(cols) + " |",
-             "|---" * (3 + len(cols)) + "|"]
+             row(["method", "win rate vs SFT [95% CI]", "judge score"] + cols), row(["---"] * (3 + len(cols)))]
     sft = out["methods"]["sft"]
-    lines.append("| sft | 0.5 (by definition) | " + f"{sft['judge_score']:.2f} | " + " | ".join(f"{sft[c]:.3f}" for c in cols) + " |")
+    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}"] + [f"{sft[c]:.3f}" for c in cols]))
     for m in methods:
         r = out["methods"][m]
         lo, hi = r["win_rate_ci95"]
-        lines.append(f"| {m} | {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {r['judge_score']:.2f} | "
-                     + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}"]
+                         + [f"{r[c]:.3f}" for c in cols]))
     if "fg_ppo_minus_ppo" in out:
         d = out["fg_ppo_minus_ppo"]
         lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
-    lines += ["", "wrong = wrong facts per stated fact; missing = per requested fact; unparseable = per sentence;",
-              "the others per response. Evaluation prompts come from the same small prompt space as training",
-              "prompts (24 animals x 18 templates), so prompts recur across stages by design."]
+    if ctx.records is None:
+        lines += ["", "wrong = wrong facts per stated fact; missing = per requested fact; unparseable = per sentence;",
+                  "the others per response. Evaluation prompts come from the same small prompt space as training",
+                  "prompts (24 animals x 18 templates), so prompts recur across stages by design."]
+    else:
+        lines += ["", f"Judge: a sequence RM trained on {len(ctx.judge_records)} held-out pairs of {ctx.cfg.data}, not a "
+                  "gold judge. It is biased (same SFT trunk, same annotators) and can be exploited by the policies it "
+                  "judges; treat these win rates as a sanity check, not a result."]
     with open(os.path.join(ctx.cfg.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -787,6 +837,8 @@ def plot_curves(ctx, res, methods):
 @torch.no_grad()
 def token_rewards_html(ctx, seed, n=8):
     """SFT samples with each token coloured by the token RM's reward, beside the gold labels."""
+    if not os.path.exists(os.path.join(ctx.cfg.out, "rm", f"seed{seed}", "token.pt")):
+        return
     rm, _ = load_rm(os.path.join(ctx.cfg.out, "rm", f"seed{seed}", "token.pt"), ctx.device)
     s = json.load(open(os.path.join(ctx.cfg.out, "sft", "samples.json")))
     rows = []
@@ -795,11 +847,12 @@ def token_rewards_html(ctx, seed, n=8):
         resp = real & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
         ids = idx[0][resp[0]].tolist()
         rewards = rm.token_rewards(idx, real, resp)[0][resp[0]].tolist()
-        gold, _ = label_pair(ctx.enc, ids, data.annotate(p, r), "bad_vs_rest")
         toks = [ctx.enc.decode([t]) for t in ids]
-        rows.append(f"<h4>{html.escape(p)} (judge {data.score(p, r):+.0f})</h4>"
-                    f"<p>token RM: {diff_labels.render(toks, rewards, html=True)}</p>"
-                    f"<p>gold labels: {diff_labels.render(toks, gold, html=True)}</p>")
+        rows.append(f"<h4>{html.escape(p)} (judge {ctx.scores([p], [r])[0]:+.1f})</h4>"
+                    f"<p>token RM: {diff_labels.render(toks, rewards, html=True)}</p>")
+        if ctx.records is None:  # the gold labels exist only in the toy world
+            gold, _ = label_pair(ctx.enc, ids, data.annotate(p, r), "bad_vs_rest")
+            rows.append(f"<p>gold labels: {diff_labels.render(toks, gold, html=True)}</p>")
     with open(os.path.join(ctx.cfg.out, "token_rewards.html"), "w") as f:
         f.write("<html><body><h3>Token RM rewards on SFT samples (red = bad)</h3>" + "".join(rows) + "</body></html>")
 
@@ -809,16 +862,22 @@ def token_rewards_html(ctx, seed, n=8):
 
 OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
            "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after"}  # may change between runs of the same folder
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods"}  # may change between runs of the same folder
 
 
 class Ctx:
-    """What every stage needs: configs, device, tokenizer."""
+    """What every stage needs: configs, device, tokenizer, and the world it evaluates in —
+    the toy world with its gold judge, or your own records with a judge RM."""
 
-    def __init__(self, cfgs, device):
+    def __init__(self, cfgs, device, records=None):
         self.cfg, self.world, self.rmc, self.pc = (cfgs[c] for c in SECTIONS)
         self.device, self.stop_after = device, self.cfg.stop_after
         self.config_dict = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
+        self.records = records
+        if records is not None:  # a quarter of the pairs train only the judge RM
+            shuffled = random.Random(self.cfg.seed).sample(records, len(records))
+            n = max(len(records) // 4, 1)
+            self.judge_records, self.train_records = shuffled[:n], shuffled[n:]
 
     def skip(self, path):
         if os.path.exists(path):
@@ -826,16 +885,48 @@ class Ctx:
             return True
         return False
 
+    def sample_prompt(self, rng):
+        return rng.choice(self.train_records)["prompt"] if self.records else data.sample_prompt(rng, self.world)
+
+    def prompt_ids(self, prompt):
+        """Chat-formatted prompt ids, cut from the left to leave room for the response."""
+        return tok.prompt_ids(self.enc, prompt)[-(self.cfg.block_size - self.cfg.max_new_tokens):]
+
+    def scores(self, prompts, responses):
+        """The judge: the toy world's gold judge, or the judge RM for your own data."""
+        if self.records is None:
+            return [data.score(p, r) for p, r in zip(prompts, responses)]
+        if not hasattr(self, "judge_rm"):
+            self.judge_rm, _ = load_rm(os.path.join(self.cfg.out, "rm", "judge.pt"), self.device)
+        return seq_scores(self, self.judge_rm, prompts, responses)
+
+    def rates(self, prompts, responses):
+        if self.records is None:
+            return data.error_rates(prompts, responses)
+        s = self.scores(prompts, responses)
+        return {"judge_score": sum(s) / len(s)}
+
 
 def main(argv):
     cfgs, force, preset = parse_args(argv)
     cfg = cfgs[Config]
-    device = pick_device(cfg.device)
-    ctx = Ctx(cfgs, device)
     methods = cfg.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         sys.exit(f"error: unknown method(s) {', '.join(bad)}; allowed: {', '.join(METHODS)}")
+    records = None
+    if cfg.data:  # read and check your data before anything is written
+        try:
+            records = data.read_jsonl(cfg.data)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        if any(m.startswith("oracle") for m in methods):
+            sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
+        if not all("edited" in r for r in records):
+            methods = [m for m in methods if m == "ppo"]
+            print("note: not every record has an 'edited' field, so only the sequence-level method (ppo) runs")
+    device = pick_device(cfg.device)
+    ctx = Ctx(cfgs, device, records)
     os.makedirs(cfg.out, exist_ok=True)
     cpath = os.path.join(cfg.out, "config.json")
     if force:
@@ -846,8 +937,9 @@ def main(argv):
         old = json.load(open(cpath))
         changed = [k for k in ctx.config_dict if k not in UNCHECKED and old.get(k) != ctx.config_dict[k]]
         if changed:
-            sys.exit(f"error: {cfg.out} holds a run with a different config ({', '.join(f'{k}: {old.get(k)!r} -> {ctx.config_dict[k]!r}' for k in changed)}); "
-                     "use another --out, or --force to start over")
+            sys.exit(f"error: {cfg.out} holds a run with a different config ("
+                     + ", ".join(f"{k}: {old.get(k)!r} -> {ctx.config_dict[k]!r}" for k in changed)
+                     + "); use another --out, or --force to start over")
     write_json(ctx.config_dict, cpath)
     torch.manual_seed(cfg.seed)
     print(f"preset {preset} | device {device} | out {cfg.out}")
@@ -859,19 +951,22 @@ def main(argv):
         f(*args)
         timing[name] = timing.get(name, 0.0) + time.time() - t0
 
-    try:
-        timed("sft", stage_sft, ctx)
-        ctx.enc = tok.get_tokenizer(cfg.tokenizer, path=os.path.join(cfg.out, "tokenizer.tiktoken"))
-        ctx.sp = tok.special_ids(ctx.enc)
-        timed("prefs", stage_prefs, ctx)
-        for s in seeds:
-            timed("rm", stage_rm, ctx, s)
-        for s in seeds:
-            for m in methods:
-                timed(m, stage_ppo, ctx, m, s)
-        timed("report", stage_report, ctx, seeds, methods, timing)
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    timed("sft", stage_sft, ctx)
+    ctx.enc = tok.get_tokenizer(cfg.tokenizer, path=os.path.join(cfg.out, "tokenizer.tiktoken"))
+    ctx.sp = tok.special_ids(ctx.enc)
+    if records is not None:
+        n_long = sum(len(ctx.prompt_ids(r["prompt"])) + max(len(tok.response_ids(ctx.enc, r[k])) for k in data.FIELDS[1:] if k in r)
+                     > cfg.block_size for r in records)
+        if n_long:
+            print(f"warning: {n_long} record(s) longer than block_size={cfg.block_size} tokens are truncated")
+    timed("prefs", stage_prefs, ctx)
+    timed("judge", stage_judge, ctx)
+    for s in seeds:
+        timed("rm", stage_rm, ctx, s)
+    for s in seeds:
+        for m in methods:
+            timed(m, stage_ppo, ctx, m, s)
+    timed("report", stage_report, ctx, seeds, methods, timing)
 
 
 if __name__ == "__main__":

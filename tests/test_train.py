@@ -1,0 +1,329 @@
+"""Tests for train.py: the pipeline end to end on a smaller-than-tiny config (outputs, schema,
+determinism, resuming after --stop_after and after SIGKILL, skipping, config checks, flag
+errors, atomic checkpoints, non-finite losses), and its helpers bootstrap_ci / parse_args."""
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import ppo  # noqa: E402
+import reward  # noqa: E402
+import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 1337  # Config.seed
+METHODS = ["ppo", "fg_ppo", "ppo_edits"]  # Config.methods
+SMALL = ["--preset=tiny", "--n_sft=600", "--sft_steps=40", "--n_judge=24", "--n_pairs=24", "--rm_steps=5",
+         "--ppo_iters=4", "--rollout_batch=8", "--minibatch=4", "--n_eval=16", "--k_ref=1", "--n_curve=8",
+         "--eval_every=2", "--ckpt_every=1", "--max_new_tokens=40"]
+# One thread: the same numbers in every run, and on a busy 2-core machine a run takes ~15 s
+# instead of ~2 min (torch's default threads fight other processes for the cores).
+ENV = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def cmd(out, *extra):
+    return [sys.executable, "train.py", *SMALL, f"--out={out}", *extra]
+
+
+def run(out, *extra, timeout=600):
+    """The pipeline on the small config into out; the CompletedProcess."""
+    return subprocess.run(cmd(out, *extra), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def ok(p):
+    assert p.returncode == 0, f"rc {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def comparable(res):
+    """results.json less what may differ between equal runs: timing and the output folder."""
+    res = json.loads(json.dumps(res))
+    res.pop("timing_s")
+    res["config"].pop("out")
+    return res
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """One uninterrupted reference run, shared: (output folder, wall time in seconds)."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    t0 = time.time()
+    ok(run(out))
+    return out, time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# End to end
+
+
+def test_end_to_end_outputs_and_schema(ref):
+    """A run writes every stage's files, and results.json has the documented schema and sane values."""
+    out, _ = ref
+    for f in ["sft/model.pt", "sft/metrics.json", "prefs.jsonl", "prefs/stats.json", "results.json",
+              "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]:
+        assert os.path.isfile(os.path.join(out, f)), f
+    records = data.read_jsonl(os.path.join(out, "prefs.jsonl"))
+    assert len(records) == 24
+    for r in records:
+        for k in ("prompt", "chosen", "rejected", "edited"):
+            assert isinstance(r[k], str), (k, r)
+    rm_dirs = glob.glob(os.path.join(out, "rm", "seed*"))
+    assert rm_dirs
+    for d in rm_dirs:
+        for f in ("metrics.json", "token.pt", "seq.pt", "seq_edits.pt"):
+            assert os.path.isfile(os.path.join(d, f)), (d, f)
+
+    res = results(out)
+    for k in ("config", "seeds", "methods", "fg_ppo_minus_ppo", "reward_models", "timing_s"):
+        assert k in res, k
+    assert res["seeds"] == [SEED]
+    assert res["config"]["ppo_iters"] == 4 and res["config"]["n_eval"] == 16
+    assert set(res["methods"]) == {"sft", *METHODS}
+    assert "judge_score" in res["methods"]["sft"]
+    for m in METHODS:
+        r = res["methods"][m]
+        for k in ("win_rate", "win_rate_ci95", "judge_score", "per_seed"):
+            assert k in r, (m, k)
+        lo, hi = r["win_rate_ci95"]
+        assert 0.0 <= lo <= r["win_rate"] <= hi <= 1.0, (m, r["win_rate"], lo, hi)
+        assert [s["seed"] for s in r["per_seed"]] == [SEED]
+        assert all(0.0 <= s["win_rate"] <= 1.0 for s in r["per_seed"])
+    d = res["fg_ppo_minus_ppo"]
+    lo, hi = d["ci95"]
+    assert -1.0 <= lo <= d["win_rate"] <= hi <= 1.0
+    assert math.isclose(d["win_rate"], res["methods"]["fg_ppo"]["win_rate"] - res["methods"]["ppo"]["win_rate"],
+                        abs_tol=1e-9)
+    assert set(res["reward_models"]) == {f"seed{SEED}"}
+    assert {"token", "seq", "seq_edits"} <= set(res["reward_models"][f"seed{SEED}"])
+    assert all(isinstance(v, float) for v in res["timing_s"].values())
+
+
+def test_determinism_same_seed_same_results(ref, tmp_path):
+    """Two runs with the same seed and config into different folders give the same results."""
+    out, _ = ref
+    other = str(tmp_path / "run")
+    ok(run(other))
+    a, b = results(out), results(other)
+    assert a["config"]["out"] != b["config"]["out"]  # the folder is recorded: excluded from the comparison
+    assert comparable(a) == comparable(b)
+    with open(os.path.join(out, "prefs.jsonl")) as f, open(os.path.join(other, "prefs.jsonl")) as g:
+        assert f.read() == g.read()
+
+
+# -----------------------------------------------------------------------------
+# Resuming
+
+
+def test_resume_after_stop_after_matches_uninterrupted(ref, tmp_path):
+    """--stop_after=2 stops the first PPO run with an error; rerunning without it resumes to the same results."""
+    out = str(tmp_path / "run")
+    p = run(out, "--stop_after=2")
+    assert p.returncode != 0
+    assert "stopped after 2 iterations" in p.stderr and "Traceback" not in p.stderr
+    ck = torch.load(os.path.join(out, "ppo", f"ppo_seed{SEED}.pt"), weights_only=True)
+    assert ck["iter"] == 2
+    assert not os.path.exists(os.path.join(out, f"ppo/fg_ppo_seed{SEED}.pt"))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    p = ok(run(out))
+    assert "resuming at iteration 2" in p.stdout
+    assert comparable(results(out)) == comparable(results(ref[0]))
+
+
+def test_resume_after_sigkill_matches_uninterrupted(ref, tmp_path):
+    """SIGKILL once a PPO checkpoint exists, rerun the same command: the results equal the reference run's."""
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        deadline = time.time() + 300
+        while not glob.glob(os.path.join(out, "ppo", "*.pt")):  # *.pt: not the *.pt.tmp being written
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before any PPO checkpoint"
+            assert time.time() < deadline, "no PPO checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for path in glob.glob(os.path.join(out, "ppo", "*.pt")):  # whatever was left is a whole checkpoint
+        assert "iter" in torch.load(path, weights_only=True)
+    p = ok(run(out))
+    assert "resuming at iteration" in p.stdout
+    assert comparable(results(out)) == comparable(results(ref[0]))
+
+
+def test_rerun_of_finished_run_skips_every_stage(ref, tmp_path):
+    """Rerunning a finished run skips every stage, is fast, and reproduces the results."""
+    src, ref_wall = ref
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out)  # --out is not part of the config check
+    t0 = time.time()
+    p = ok(run(out))
+    wall = time.time() - t0
+    assert "sft/model.pt exists, skipping" in p.stdout
+    assert "prefs.jsonl exists, skipping" in p.stdout
+    assert f"rm/seed{SEED}/metrics.json exists, skipping" in p.stdout
+    for m in METHODS:
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith(f"ppo {m} seed {SEED}:")), "")
+        assert "complete, skipping" in line, (m, p.stdout)
+    assert "resuming" not in p.stdout and "sft step" not in p.stdout
+    res = results(out)
+    for stage in ("sft", "prefs", "rm", *METHODS):
+        assert res["timing_s"][stage] < 2.0, (stage, res["timing_s"])
+    assert wall < ref_wall, (wall, ref_wall)
+    assert comparable(res) == comparable(results(src))
+
+
+# -----------------------------------------------------------------------------
+# Config checks and flag errors
+
+
+def test_changed_config_refused_then_force_reruns(ref, tmp_path):
+    """A different config in a used folder exits naming the key and suggesting --force; --force reruns."""
+    out = str(tmp_path / "run")
+    shutil.copytree(ref[0], out)
+    before = open(os.path.join(out, "config.json")).read()
+    p = run(out, "--beta=0.5")
+    assert p.returncode != 0
+    assert "beta" in p.stderr and "--force" in p.stderr and "Traceback" not in p.stderr
+    assert open(os.path.join(out, "config.json")).read() == before  # nothing touched
+    p = ok(run(out, "--beta=0.5", "--force"))
+    assert "skipping" not in p.stdout  # everything redone
+    res = results(out)
+    assert res["config"]["beta"] == 0.5
+    assert json.load(open(os.path.join(out, "config.json")))["beta"] == 0.5
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--nope=1", ["--nope", "valid keys", "--beta", "--n_sft", "--rm_scheme"]),
+    ("--beta=abc", ["--beta", "float"]),
+    ("--preset=huge", ["huge", "default", "tiny", "gpu"]),
+    ("--methods=ppo,xyz", ["xyz", "fg_ppo", "ppo_edits", "oracle_ppo", "oracle_fg"]),
+    ("--rm_scheme=xyz", ["rm_scheme", "xyz", "bad_vs_rest", "paper"]),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, flag, expected):
+    """A bad flag exits non-zero with a one-line error that says what is allowed, before writing anything."""
+    out = str(tmp_path / "run")
+    p = subprocess.run([sys.executable, "train.py", f"--out={out}", flag], cwd=ROOT, capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    for e in expected:
+        assert e in lines[0], (e, lines[0])
+    assert not os.path.exists(out)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes and non-finite losses
+
+
+def test_no_tmp_files_left_after_a_run(ref):
+    """No temp files remain anywhere in the output tree of a finished run."""
+    left = [os.path.join(d, f) for d, _, fs in os.walk(ref[0]) for f in fs if f.endswith(".tmp")]
+    assert left == []
+
+
+def test_save_atomic_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
+    """If torch.save dies half-way, save_atomic leaves the previous checkpoint intact."""
+    path = str(tmp_path / "sub" / "ck.pt")
+    train.save_atomic({"v": torch.tensor([1.0, 2.0])}, path)  # creates the folder too
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
+
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_atomic({"v": torch.tensor([3.0])}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
+    train.save_atomic({"v": torch.tensor([3.0])}, path)  # a later save still works
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([3.0]))
+    assert not os.path.exists(path + ".tmp")
+
+
+def test_nonfinite_sft_loss_stops_without_checkpoint(tmp_path):
+    """A huge SFT learning rate gives a NaN loss: exit non-zero naming stage and step, no sft/model.pt."""
+    out = str(tmp_path / "run")
+    p = run(out, "--sft_lr=1e30")
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "sft stopped at step" in p.stderr and "nan" in p.stderr.lower(), p.stderr
+    assert not os.path.exists(os.path.join(out, "sft", "model.pt"))
+    assert not os.path.exists(os.path.join(out, "prefs.jsonl"))
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+
+def test_bootstrap_ci_constant_data_zero_width():
+    """Constant data: the CI is the constant itself, for one seed and for several."""
+    assert train.bootstrap_ci([[0.5] * 50]) == pytest.approx([0.5, 0.5])
+    assert train.bootstrap_ci([[1.0] * 20] * 3) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_ci_binary_matches_normal_approximation():
+    """1 seed x P Bernoulli values: the CI holds the mean and is about mean +- 1.96 sqrt(p(1-p)/P)."""
+    g = torch.Generator().manual_seed(0)
+    P = 400
+    x = (torch.rand(P, generator=g) < 0.3).double()
+    p = x.mean().item()
+    lo, hi = train.bootstrap_ci([x.tolist()])
+    half = 1.96 * math.sqrt(p * (1 - p) / P)
+    assert lo < p < hi
+    assert lo == pytest.approx(p - half, abs=0.2 * half)
+    assert hi == pytest.approx(p + half, abs=0.2 * half)
+    assert train.bootstrap_ci([x.tolist()]) == [lo, hi]  # seeded: the same interval every time
+
+
+def test_parse_args_types_sections_and_presets():
+    """--key=value lands on the right dataclass with the right type, on top of the preset."""
+    cfgs, force, preset = train.parse_args(["--preset=tiny", "--n_layer=3", "--sft_lr=1", "--beta=0.5",
+                                            "--methods=ppo,fg_ppo", "--rm_center=false", "--p_wrong=0.5",
+                                            "--rm_steps=7", "--force"])
+    cfg, world, rmc, pc = (cfgs[c] for c in (train.Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig))
+    assert force is True and preset == "tiny"
+    assert cfg.n_layer == 3 and type(cfg.n_layer) is int
+    assert cfg.sft_lr == 1.0 and type(cfg.sft_lr) is float
+    assert cfg.methods == "ppo,fg_ppo" and type(cfg.methods) is str
+    assert pc.beta == 0.5 and type(pc.beta) is float
+    assert rmc.rm_center is False and rmc.rm_steps == 7
+    assert world.p_wrong == 0.5
+    # the rest of the tiny preset, in whichever section each key lives
+    tiny = train.PRESETS["tiny"]
+    assert cfg.n_embd == tiny["n_embd"] and cfg.sft_steps == tiny["sft_steps"] and cfg.n_sft == tiny["n_sft"]
+    assert pc.ppo_iters == tiny["ppo_iters"] and pc.rollout_batch == tiny["rollout_batch"]
+    # untouched keys keep the dataclass defaults
+    assert pc.ppo_lr == ppo.PPOConfig().ppo_lr and world.p_rude == data.WorldConfig().p_rude
+    for s, v in [("true", True), ("1", True), ("False", False), ("0", False)]:
+        assert train.parse_args([f"--rm_center={s}"])[0][reward.RMConfig].rm_center is v
+
+
+def test_parse_args_defaults_and_errors():
+    """No flags gives every dataclass's defaults and no force; bad values exit with the expected type."""
+    cfgs, force, preset = train.parse_args([])
+    assert force is False and preset == "default"
+    for cls in train.SECTIONS:
+        assert cfgs[cls] == cls()
+    for flag, word in [("--n_layer=2.5", "int"), ("--rm_center=maybe", "bool"), ("--beta=abc", "float"),
+                       ("n_layer=2", "--key=value"), ("--n_layer", "--key=value")]:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([flag])
+        assert word in str(e.value.code), (flag, e.value.code)
