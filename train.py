@@ -75,6 +75,7 @@ class Config:
     eval_every: int = 10         # PPO iterations between learning-curve points
     ckpt_every: int = 5          # PPO iterations between checkpoints
     stop_after: int = 0          # stop each PPO run after this many iterations (0: never); to test resuming
+    sweep: str = ""              # key:v1,v2,... runs the pipeline once per value (see sweep())
 
 
 PRESETS = {
@@ -760,6 +761,8 @@ def stage_report(ctx, seeds, methods, timing):
         rates = {k: sum(r["rates"][k] for r in res[m]) / len(seeds) for k in sft_rates}
         out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
                              "win_rate_ci95": bootstrap_ci(wins), **rates,
+                             # KL to the reference at the end of training (mean of the last 5 iterations)
+                             "kl": sum(sum(x["kl"] for x in r["log"][-5:]) / len(r["log"][-5:]) for r in res[m]) / len(seeds),
                              "per_seed": [{"seed": s, "win_rate": sum(w) / len(w), **r["rates"]}
                                           for s, w, r in zip(seeds, wins, res[m])]}
     if "ppo" in methods and "fg_ppo" in methods:  # paired: same seeds, same prompts
@@ -781,19 +784,20 @@ def write_results_md(ctx, out, methods):
     row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
     lines = [f"# Results ({len(out['seeds'])} seed(s), {ctx.cfg.n_eval} evaluation prompts, "
              f"K={ctx.cfg.k_ref} SFT reference samples each)", "",
-             row(["method", "win rate vs SFT [95% CI]", "judge score"] + cols), row(["---"] * (3 + len(cols)))]
+             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL"] + cols), row(["---"] * (4 + len(cols)))]
     sft = out["methods"]["sft"]
-    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}"] + [f"{sft[c]:.3f}" for c in cols]))
+    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0"] + [f"{sft[c]:.3f}" for c in cols]))
     for m in methods:
         r = out["methods"][m]
         lo, hi = r["win_rate_ci95"]
-        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}"]
+        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", f"{r['kl']:.2f}"]
                          + [f"{r[c]:.3f}" for c in cols]))
     if "fg_ppo_minus_ppo" in out:
         d = out["fg_ppo_minus_ppo"]
         lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
+    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO iterations."]
     if ctx.records is None:
-        lines += ["", "wrong = wrong facts per stated fact; missing = per requested fact; unparseable = per sentence;",
+        lines += ["wrong = wrong facts per stated fact; missing = per requested fact; unparseable = per sentence;",
                   "the others per response. Evaluation prompts come from the same small prompt space as training",
                   "prompts (24 animals x 18 templates), so prompts recur across stages by design."]
     else:
@@ -862,7 +866,7 @@ def token_rewards_html(ctx, seed, n=8):
 
 OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
            "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after", "methods"}  # may change between runs of the same folder
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep"}  # may change between runs of the same folder
 
 
 class Ctx:
@@ -910,6 +914,8 @@ class Ctx:
 def main(argv):
     cfgs, force, preset = parse_args(argv)
     cfg = cfgs[Config]
+    if cfg.sweep:
+        return sweep(argv, cfg)
     methods = cfg.methods.split(",")
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -967,6 +973,67 @@ def main(argv):
         for m in methods:
             timed(m, stage_ppo, ctx, m, s)
     timed("report", stage_report, ctx, seeds, methods, timing)
+
+
+# -----------------------------------------------------------------------------
+# Sweeps: the headline experiment
+
+SFT_KEYS = {f.name for f in dataclasses.fields(Config)} - {
+    "n_pairs", "methods", "seeds", "n_eval", "k_ref", "n_curve", "eval_every", "ckpt_every", "stop_after", "sweep"}
+
+
+def sweep(argv, cfg):
+    """--sweep=key:v1,v2,...: the pipeline once per value, in <out>/<key>=<value>/, all
+    sharing the first value's SFT model and evaluation set (a swept key must not change
+    SFT), and for a PPO key also its preference data and reward models; then
+    <out>/sweep.json and <out>/headline.png: win rate against SFT and wrong-fact rate per
+    method against the value, and the win-rate / KL frontier."""
+    key, _, values = cfg.sweep.partition(":")
+    values = [v for v in values.split(",") if v]
+    if key in SFT_KEYS or not values:
+        sys.exit(f"error: --sweep=key:v1,v2,... with a key that leaves SFT alone (not {', '.join(sorted(SFT_KEYS))})")
+    base = [a for a in argv if not a.startswith(("--sweep=", "--out=", f"--{key}="))]
+    shared = ["sft", "tokenizer.tiktoken", "eval"]
+    if key in {f.name for f in dataclasses.fields(ppo.PPOConfig)}:
+        shared += ["prefs", "prefs.jsonl", "rm"]
+    runs = {}
+    for v in values:
+        sub = os.path.join(cfg.out, f"{key}={v}")
+        first = os.path.join(cfg.out, f"{key}={values[0]}")
+        for name in shared if v != values[0] and not os.path.exists(sub) else []:
+            src, dst = os.path.join(first, name), os.path.join(sub, name)
+            shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy(src, dst)
+        print(f"=== sweep {key}={v} -> {sub}")
+        main(base + [f"--{key}={v}", f"--out={sub}"])
+        runs[v] = json.load(open(os.path.join(sub, "results.json")))
+    write_json({"key": key, "values": values, "runs": {v: {"methods": r["methods"], "fg_ppo_minus_ppo": r.get("fg_ppo_minus_ppo")}
+                                                        for v, r in runs.items()}}, os.path.join(cfg.out, "sweep.json"))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = [m for m in runs[values[0]]["methods"] if m != "sft"]
+    values = sorted(values, key=float)
+    x = [float(v) for v in values]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in methods:
+        rs = [runs[v]["methods"][m] for v in values]
+        wr = [r["win_rate"] for r in rs]
+        err = [[w - r["win_rate_ci95"][0] for w, r in zip(wr, rs)], [r["win_rate_ci95"][1] - w for w, r in zip(wr, rs)]]
+        axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=3, label=m)
+        axes[1].plot(x, [r.get("wrong", float("nan")) for r in rs], marker="o", label=m)
+        axes[2].plot([r["kl"] for r in rs], wr, marker="o", label=m)
+    axes[1].plot(x, [runs[v]["methods"]["sft"].get("wrong", float("nan")) for v in values], "k--", label="sft")
+    axes[0].axhline(0.5, color="grey", lw=0.5)
+    for ax, t, xl in zip(axes, ["win rate vs SFT (95% CI)", "wrong facts per stated fact", "win rate / KL frontier"],
+                         [key, key, "KL to SFT per response"]):
+        ax.set_title(t)
+        ax.set_xlabel(xl)
+        if xl == key and min(x) > 0 and max(x) / min(x) > 5:
+            ax.set_xscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out, "headline.png"), dpi=80)
+    print(f"sweep: {os.path.join(cfg.out, 'headline.png')} and sweep.json written")
 
 
 if __name__ == "__main__":
