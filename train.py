@@ -378,16 +378,17 @@ def seq_scores(ctx, rm, prompts, responses):
     for i in range(0, len(prompts), 128):
         idx, mask = seq_batch(ctx, prompts[i:i + 128], responses[i:i + 128])
         if isinstance(rm, reward.TokenRM):
-            resp = mask & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+            resp = response_mask(ctx, idx, mask)
             out += rm.token_rewards(idx, mask, resp).sum(1).tolist()
         else:
             out += rm(idx, mask).tolist()
     return out
 
 
-def prompt_end(ctx, idx):
-    """(B, 1) column of the first response token: one past <|assistant|>."""
-    return (idx == ctx.sp["<|assistant|>"]).int().argmax(1, keepdim=True) + 1
+def response_mask(ctx, idx, real):
+    """(B, T) True at response tokens (the eot included): real tokens after <|assistant|>."""
+    start = (idx == ctx.sp["<|assistant|>"]).int().argmax(1, keepdim=True) + 1  # (B, 1)
+    return real & (torch.arange(idx.size(1), device=idx.device)[None] >= start)
 
 
 def fact_flips(n, seed):
@@ -626,7 +627,7 @@ def gold_norm(ctx, raw, dense):
     """The same normalisation as for the learned RMs, fitted on the same SFT samples."""
     s = json.load(open(os.path.join(ctx.cfg.out, "sft", "samples.json")))
     idx, real = seq_batch(ctx, s["prompts"], s["responses"])
-    resp = real & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+    resp = response_mask(ctx, idx, real)
     r = raw(idx, real, resp)
     sums, lens = r.sum(1), resp.sum(1)
     c = (sums.sum() / lens.sum()).item() if dense and ctx.rmc.rm_center else (0.0 if dense else sums.mean().item())
@@ -848,7 +849,7 @@ def token_rewards_html(ctx, seed, n=8):
     rows = []
     for p, r in list(zip(s["prompts"], s["responses"]))[:n]:
         idx, real = seq_batch(ctx, [p], [r])
-        resp = real & (torch.arange(idx.size(1), device=idx.device)[None] >= prompt_end(ctx, idx))
+        resp = response_mask(ctx, idx, real)
         ids = idx[0][resp[0]].tolist()
         rewards = rm.token_rewards(idx, real, resp)[0][resp[0]].tolist()
         toks = [ctx.enc.decode([t]) for t in ids]

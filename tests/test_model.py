@@ -8,27 +8,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny  # noqa: E402
 from model import GPT, GPTConfig, KVCache, token_logprobs  # noqa: E402
 
 PAD, EOT = 0, 1
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20]]  # no PAD inside
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed=0, **kw):
-    """A tiny CPU GPT in eval mode."""
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def left_pad(prompts, pad=PAD):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny  # noqa: E402
 import ppo  # noqa: E402
 from model import GPT, GPTConfig, token_logprobs  # noqa: E402
 from ppo import (ActorCritic, PPOConfig, compute_gae, final_token_rewards,  # noqa: E402
@@ -18,23 +19,6 @@ torch.set_num_threads(1)
 
 PAD, EOT = 0, 1
 STAT_KEYS = {"pg_loss", "v_loss", "approx_kl", "clipfrac", "entropy", "explained_var"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed=0, **kw):
-    """A tiny CPU GPT in eval mode."""
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def actor_critic(seed=0, **kw):

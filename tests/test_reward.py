@@ -10,29 +10,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from reward import SCHEMES, SeqRM, TokenRM, bt_loss, last_index, prf, spearman, token_loss  # noqa: E402
 
 torch.set_num_threads(1)
 
 PAD, EOT = 0, 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed=0, **kw):
-    """A tiny CPU GPT in eval mode."""
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=50, block_size=64, n_layer=2, n_head=4, n_embd=32)
-    cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
 
 
 def _randomise_head(head, seed=1, scale=3.0):
