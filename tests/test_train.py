@@ -327,3 +327,58 @@ def test_parse_args_defaults_and_errors():
         with pytest.raises(SystemExit) as e:
             train.parse_args([flag])
         assert word in str(e.value.code), (flag, e.value.code)
+
+
+# -----------------------------------------------------------------------------
+# Your own data (--data)
+
+def _jsonl(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"prompt": "p", "chosen": "a", "rejected": ', "invalid JSON"),
+    ('{"prompt": "p", "rejected": "b"}', 'missing field "chosen"'),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', 'field "chosen" must be a string'),
+    ('{"prompt": "", "chosen": "a", "rejected": "b"}', 'field "prompt" is empty'),
+])
+def test_bad_data_named_by_file_and_line_nothing_written(tmp_path, line, expected):
+    """A bad record stops the run before anything is written, naming file:line, no traceback."""
+    good = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
+    path = _jsonl(tmp_path / "mine.jsonl", [good, line])
+    out = tmp_path / "out"
+    p = run(out, f"--data={path}")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"mine.jsonl:2: {expected}" in p.stderr
+    assert not out.exists()
+
+
+def test_non_utf8_and_empty_data_files(tmp_path):
+    """A non-UTF-8 file and an empty file get one-line errors naming the file."""
+    bad = tmp_path / "bin.jsonl"
+    bad.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n\xff\xfe\n')
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    for path, expected in ((bad, "bin.jsonl:2: not valid UTF-8"), (empty, "empty.jsonl: no records")):
+        p = run(tmp_path / "out", f"--data={path}")
+        assert p.returncode != 0 and "Traceback" not in p.stderr and expected in p.stderr
+
+
+def test_own_data_runs_end_to_end_with_judge_rm(tmp_path):
+    """--data with edits runs all three methods; without edits only ppo; long records warn once."""
+    recs = data.read_jsonl(os.path.join(ROOT, "examples", "prefs.jsonl"))[:60]
+    recs[0] = dict(recs[0], chosen=recs[0]["chosen"] * 20)  # longer than block_size
+    full = _jsonl(tmp_path / "full.jsonl", [json.dumps(r) for r in recs])
+    out = tmp_path / "full"
+    p = ok(run(out, f"--data={full}"))
+    assert "warning: 1 record(s) longer than block_size" in p.stdout
+    res = results(out)
+    assert set(METHODS) <= set(res["methods"])
+    assert "sequence RM trained on 15 held-out pairs" in open(out / "results.md").read()
+    no_edits = _jsonl(tmp_path / "noedit.jsonl", [json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")})
+                                                 for r in recs])
+    out = tmp_path / "noedit"
+    p = ok(run(out, f"--data={no_edits}"))
+    assert "only the sequence-level method (ppo) runs" in p.stdout
+    assert set(results(out)["methods"]) == {"sft", "ppo"}
