@@ -20,6 +20,7 @@ Run `python data.py` to print a few noisy samples with the judge's breakdown.
 """
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -304,7 +305,6 @@ class DataError(ValueError):
 
 
 def write_jsonl(path, records):
-    import os
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
