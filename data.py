@@ -1,7 +1,7 @@
 """
 The toy world: a knowledge base about animals, prompts, a noisy SFT corpus, a gold judge
 and a minimal-edit annotator. Everything is a program, so "human" preferences and edits
-cost nothing and evaluation needs no human either (DESIGN.md §2).
+cost nothing and evaluation needs no human either.
 
 The world is built so that a single scalar preference hides *which* tokens were wrong:
 "Tell me about the cow." asks for all 8 facts (long answers), and the dominant error of
@@ -321,7 +321,7 @@ def read_jsonl(path, required=("prompt", "chosen", "rejected"), optional=("edite
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark is tolerated
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{name}:{line}: not valid UTF-8") from None
@@ -342,6 +342,10 @@ def read_jsonl(path, required=("prompt", "chosen", "rejected"), optional=("edite
                 raise DataError(f'{name}:{n}: field "{k}" must be a string')
             if not r[k].strip():
                 raise DataError(f'{name}:{n}: field "{k}" is empty')
+            try:
+                r[k].encode("utf-8")
+            except UnicodeEncodeError:  # JSON can carry half a surrogate pair ("\ud83d")
+                raise DataError(f'{name}:{n}: field "{k}" is not valid Unicode') from None
         records.append({k: r[k] for k in tuple(required) + tuple(optional) if k in r})
     if not records:
         raise DataError(f"{name}: no records (empty file)")

@@ -102,7 +102,7 @@ class KVCache:
 @dataclass
 class GPTConfig:
     block_size: int = 256     # longest sequence (prompt + response) in tokens
-    vocab_size: int = 512     # our BPE; 50261 for GPT-2's encoding plus our specials
+    vocab_size: int = 512     # our BPE; 50260 for GPT-2's encoding plus our specials
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128

@@ -10,7 +10,7 @@ Reward models on a GPT trunk initialised from the SFT weights:
                  to blame; r_t = -p(bad).
   Why two: an inserted correct token looks exactly like an unchanged correct token, so
   "good" is close to unlearnable, and omissions leave no token at all without insertion
-  points (DESIGN.md §2; the scheme with insertion points follows TLCR, arXiv 2407.16574).
+  points (a prototype measured F1 ~ 0 for "good"; insertion points follow TLCR, arXiv 2407.16574).
 - SeqRM: a scalar head read at the last response token (<|endoftext|>), trained with the
   Bradley-Terry loss -log σ(r_chosen - r_rejected) (Ouyang et al., 2022). Trained on
   (chosen, rejected) it is the standard RLHF baseline; on (edited, rejected) it is the

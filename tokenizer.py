@@ -10,7 +10,7 @@ References: Sennrich et al. 2016 (BPE for subwords); Radford et al. 2019 (GPT-2:
 byte-level BPE + split pattern); Karpathy's minbpe.
 
 Usage:
-    enc = get_tokenizer("bpe", texts=corpus, path="out/bpe.tiktoken")
+    enc = get_tokenizer("bpe", texts=corpus, path="out/tokenizer.tiktoken")
     ids = enc.encode_ordinary(user_text)    # plain text: specials are NOT parsed
     sp = special_ids(enc)                   # callers insert special ids directly:
     # [sp["<|user|>"]] + ids(prompt) + [sp["<|assistant|>"]] + ids(response) + [sp["<|endoftext|>"]]

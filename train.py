@@ -11,7 +11,7 @@ Each stage reads the files of the stages before it and writes its own; a stage w
 outputs exist is skipped (`--force` redoes everything). Run:
 
     python train.py                       # default preset, CPU or GPU autodetected
-    python train.py --preset=tiny         # the whole pipeline in about a minute
+    python train.py --preset=tiny         # the whole pipeline in about 30 seconds
     python train.py --sft_steps=300 --beta=0.05 --out=runs/x
 """
 
@@ -88,6 +88,9 @@ PRESETS = {
 }
 SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
 CHOICES = {"tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
+POSITIVE = {"seeds", "n_pairs", "n_judge", "n_sft", "sft_steps", "sft_batch", "rm_steps", "rm_batch", "ppo_iters",
+            "rollout_batch", "ppo_epochs", "minibatch", "n_eval", "k_ref", "n_curve", "eval_every", "ckpt_every",
+            "max_new_tokens", "block_size", "n_layer", "n_head", "n_embd", "vocab_size"}
 
 
 def parse_args(argv):
@@ -118,7 +121,11 @@ def parse_args(argv):
             sys.exit(f"error: --{k}={v!r} is not a valid {typ.__name__}")
         if k in CHOICES and values[k] not in CHOICES[k]:
             sys.exit(f"error: --{k}={v!r} is not allowed; allowed values: {', '.join(CHOICES[k])}")
+        if typ is int and k in POSITIVE and values[k] < (2 if k == "n_judge" else 1):
+            sys.exit(f"error: --{k}={v} must be at least {2 if k == 'n_judge' else 1}")
     cfgs = {cls: cls(**{k: v for k, v in values.items() if fields[k][0] is cls}) for cls in SECTIONS}
+    if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
+        sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
     return cfgs, force, preset
 
 
@@ -206,7 +213,7 @@ def stage_sft(ctx):
     # One example = prompt + response; the loss is on response tokens only (targets -1 elsewhere).
     examples = []
     for p, r in corpus:
-        pi, ri = tok.prompt_ids(enc, p), tok.response_ids(enc, r)
+        pi, ri = ctx.prompt_ids(p), tok.response_ids(enc, r)
         examples.append(((pi + ri)[:cfg.block_size], ([-1] * (len(pi) - 1) + ri + [-1])[:cfg.block_size]))
     n_val = max(len(examples) // 20, 1)
     val, train = examples[:n_val], examples[n_val:]
@@ -239,7 +246,7 @@ def stage_sft(ctx):
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
-        idx, mask, tgt = batch_of(g.sample(train, cfg.sft_batch))
+        idx, mask, tgt = batch_of(g.sample(train, min(cfg.sft_batch, len(train))))
         with autocast(device):
             _, loss = model(idx, tgt, mask=mask)
         if not torch.isfinite(loss):
@@ -334,7 +341,7 @@ def rm_examples(ctx, records, scheme):
     context are cut to fit."""
     out, m = [], reward.SCHEMES[scheme]
     for r in records:
-        p = tok.prompt_ids(ctx.enc, r["prompt"])
+        p = ctx.prompt_ids(r["prompt"])
         lo, le = label_pair(ctx.enc, r["rejected"], r["edited"], scheme)
         for text, labels in ((r["rejected"], lo), (r["edited"], le)):
             ids = p + tok.response_ids(ctx.enc, text)
@@ -343,7 +350,7 @@ def rm_examples(ctx, records, scheme):
 
 
 def seq_batch(ctx, prompts, responses):
-    ids = [(tok.prompt_ids(ctx.enc, p) + tok.response_ids(ctx.enc, r))[-ctx.cfg.block_size:]
+    ids = [(ctx.prompt_ids(p) + tok.response_ids(ctx.enc, r))[:ctx.cfg.block_size]  # the prompt is cut first
            for p, r in zip(prompts, responses)]
     idx, mask = pad_left(ids, ctx.sp["<|pad|>"])
     return idx.to(ctx.device), mask.to(ctx.device)
@@ -545,6 +552,7 @@ def stage_judge(ctx):
         return
     recs = ctx.judge_records
     ctx.seed = ctx.cfg.seed
+    torch.manual_seed(ctx.cfg.seed)  # the same judge whether or not SFT ran in this process
     rm = reward.SeqRM(load_gpt(os.path.join(ctx.cfg.out, "sft", "model.pt"), ctx.device)).to(ctx.device)
 
     def loss(pairs):
@@ -927,6 +935,8 @@ def main(argv):
             records = data.read_jsonl(cfg.data)
         except data.DataError as e:
             sys.exit(f"error: {e}")
+        if len(records) < 8:
+            sys.exit(f"error: {cfg.data}: {len(records)} record(s); at least 8 are needed (a quarter trains the judge RM)")
         if any(m.startswith("oracle") for m in methods):
             sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
         if not all("edited" in r for r in records):
@@ -962,7 +972,8 @@ def main(argv):
     ctx.enc = tok.get_tokenizer(cfg.tokenizer, path=os.path.join(cfg.out, "tokenizer.tiktoken"))
     ctx.sp = tok.special_ids(ctx.enc)
     if records is not None:
-        n_long = sum(len(ctx.prompt_ids(r["prompt"])) + max(len(tok.response_ids(ctx.enc, r[k])) for k in data.FIELDS[1:] if k in r)
+        n_long = sum(len(tok.prompt_ids(ctx.enc, r["prompt"])) > cfg.block_size - cfg.max_new_tokens
+                     or len(ctx.prompt_ids(r["prompt"])) + max(len(tok.response_ids(ctx.enc, r[k])) for k in data.FIELDS[1:] if k in r)
                      > cfg.block_size for r in records)
         if n_long:
             print(f"warning: {n_long} record(s) longer than block_size={cfg.block_size} tokens are truncated")
@@ -979,8 +990,9 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # Sweeps: the headline experiment
 
-SFT_KEYS = {f.name for f in dataclasses.fields(Config)} - {
-    "n_pairs", "methods", "seeds", "n_eval", "k_ref", "n_curve", "eval_every", "ckpt_every", "stop_after", "sweep"}
+SFT_KEYS = ({f.name for f in dataclasses.fields(Config)} | {f.name for f in dataclasses.fields(data.WorldConfig)}) - {
+    "n_pairs", "methods", "seeds", "n_curve", "eval_every", "ckpt_every", "stop_after", "sweep", "p_annotator_miss"}
+# (n_eval and k_ref stay in: the evaluation set is shared across a sweep)
 
 
 def sweep(argv, cfg):
@@ -1013,8 +1025,9 @@ def sweep(argv, cfg):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = [m for m in runs[values[0]]["methods"] if m != "sft"]
-    values = sorted(values, key=float)
-    x = [float(v) for v in values]
+    numeric = all(v.replace(".", "", 1).replace("e-", "", 1).isdigit() for v in values)
+    values = sorted(values, key=float) if numeric else values
+    x = [float(v) for v in values] if numeric else list(range(len(values)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for m in methods:
         rs = [runs[v]["methods"][m] for v in values]
@@ -1029,7 +1042,9 @@ def sweep(argv, cfg):
                          [key, key, "KL to SFT per response"]):
         ax.set_title(t)
         ax.set_xlabel(xl)
-        if xl == key and min(x) > 0 and max(x) / min(x) > 5:
+        if xl == key and not numeric:
+            ax.set_xticks(x, values)
+        elif xl == key and min(x) > 0 and max(x) / min(x) > 5:
             ax.set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -490,3 +490,14 @@ def test_jsonl_empty_file(tmp_path):
         msg = _err(p)
         assert msg.startswith("name.jsonl") and "empty" in msg
     assert "cannot read" in _err(tmp_path / "nope.jsonl")
+
+
+def test_jsonl_lone_surrogate_and_bom(tmp_path):
+    """Half a surrogate pair is a clear error naming file:line; a UTF-8 byte-order mark is fine."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "\\ud83d", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r's\.jsonl:2: field "chosen" is not valid Unicode'):
+        read_jsonl(p)
+    b = tmp_path / "bom.jsonl"
+    b.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    assert read_jsonl(b) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]

@@ -382,3 +382,12 @@ def test_own_data_runs_end_to_end_with_judge_rm(tmp_path):
     p = ok(run(out, f"--data={no_edits}"))
     assert "only the sequence-level method (ppo) runs" in p.stdout
     assert set(results(out)["methods"]) == {"sft", "ppo"}
+
+
+def test_too_few_records_and_non_positive_sizes_refused(tmp_path):
+    """Fewer than 8 records, --seeds=0 and max_new_tokens >= block_size are one-line errors."""
+    path = _jsonl(tmp_path / "few.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}'] * 3)
+    for extra, expected in (([f"--data={path}"], "at least 8 are needed"), (["--seeds=0"], "--seeds=0 must be at least 1"),
+                            (["--max_new_tokens=200"], "must be smaller than --block_size")):
+        p = run(tmp_path / "out", *extra)
+        assert p.returncode != 0 and "Traceback" not in p.stderr and expected in p.stderr
