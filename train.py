@@ -489,14 +489,15 @@ def stage_rm(ctx, seed):
         c = sum(s_sft) / sum(lens) if name == "token" and rmc.rm_center else 0.0
         sums = [s - c * n for s, n in zip(s_sft, lens)] if name == "token" else s_sft  # what PPO sees
         t = torch.tensor(sums)
+        centred = lambda scores, texts: [x - c * len(tok.response_ids(ctx.enc, y)) for x, y in zip(scores, texts)]  # noqa: E731
         norms[name] = {"center": c, "scale": t.std().item()} if name == "token" else \
             {"center": t.mean().item(), "scale": t.std().item()}
-        hi = seq_scores(ctx, rm, vp, [r["chosen"] for r in val])
-        lo = seq_scores(ctx, rm, vp, [r["rejected"] for r in val])
+        hi = centred(seq_scores(ctx, rm, vp, [r["chosen"] for r in val]), [r["chosen"] for r in val])
+        lo = centred(seq_scores(ctx, rm, vp, [r["rejected"] for r in val]), [r["rejected"] for r in val])
         m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}
         if toy:
-            good = seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips])
-            bad = seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips])
+            good = centred(seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips]), [g for _, g, _ in flips])
+            bad = centred(seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips]), [b for _, _, b in flips])
             m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
             m["spearman_vs_judge"] = reward.spearman(sums, gold_sft)
     if "seq_edits" in rms:
