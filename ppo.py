@@ -10,8 +10,9 @@ reference scores the same tokens; every response token t gets the reward
 
 then GAE turns rewards and values into advantages and the clipped PPO objective is
 optimised for a few epochs over minibatches (Schulman et al., 2017; names as in
-CleanRL's ppo.py; the LM specifics follow Ouyang et al. 2022 and Huang et al. 2022,
-"The 37 implementation details of PPO" / "N implementation details of RLHF").
+CleanRL's ppo.py; the LM specifics follow Ouyang et al., 2022, and Huang et al., "The 37
+implementation details of PPO" (2022) and "The N implementation details of RLHF with
+PPO" (2023)). It runs as stage 4 of `python train.py`; tests/test_ppo.py checks it.
 
 Alignment. All per-token tensors are (B, T) over the full sequence (prompt + response)
 and indexed by the *action* token: column t holds log pi(idx[t] | idx[<t]) and the value
@@ -26,8 +27,9 @@ Choices and simplifications, said plainly:
   methods: the last generated token is terminal (no bootstrap), and it gets the reward the
   method gives at the end (the sequence RM score, read at that last token) plus
   `trunc_penalty`.
-- No reward whitening across batches, no adaptive KL controller, no entropy bonus, no
-  minibatch-size-independent normalisation beyond masked means.
+- Rewards are normalised once, on SFT samples (train.py), not per batch; no adaptive KL
+  controller, no entropy bonus, no minibatch-size-independent normalisation beyond
+  masked means.
 """
 
 from dataclasses import dataclass
