@@ -1036,7 +1036,8 @@ def sweep(argv, cfg):
         err = [[w - r["win_rate_ci95"][0] for w, r in zip(wr, rs)], [r["win_rate_ci95"][1] - w for w, r in zip(wr, rs)]]
         axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=3, label=m)
         axes[1].plot(x, [r.get("wrong", float("nan")) for r in rs], marker="o", label=m)
-        axes[2].plot([r["kl"] for r in rs], wr, marker="o", label=m)
+        kl_order = sorted(range(len(rs)), key=lambda i: rs[i]["kl"])  # a frontier is read along KL
+        axes[2].plot([rs[i]["kl"] for i in kl_order], [wr[i] for i in kl_order], marker="o", label=m)
     axes[1].plot(x, [runs[v]["methods"]["sft"].get("wrong", float("nan")) for v in values], "k--", label="sft")
     axes[0].axhline(0.5, color="grey", lw=0.5)
     for ax, t, xl in zip(axes, ["win rate vs SFT (95% CI)", "wrong facts per stated fact", "win rate / KL frontier"],
