@@ -356,9 +356,9 @@ def seq_batch(ctx, prompts, responses):
     return idx.to(ctx.device), mask.to(ctx.device)
 
 
-def train_rm(ctx, model, loss_of, n, desc):
+def train_rm(ctx, model, loss_of, n, desc, seed):
     """rm_steps AdamW steps of loss_of(list of example indices) on random batches of n examples."""
-    rmc, g = ctx.rmc, random.Random(ctx.seed)
+    rmc, g = ctx.rmc, random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
     pbar = tqdm(range(rmc.rm_steps), desc=desc, dynamic_ncols=True)
@@ -442,7 +442,6 @@ def stage_rm(ctx, seed):
     val, train = records[:n_val], records[n_val:]
     toy, edits = ctx.records is None, all("edited" in r for r in records)
     sft_path, pad = os.path.join(cfg.out, "sft", "model.pt"), ctx.sp["<|pad|>"]
-    ctx.seed = seed
     torch.manual_seed(seed)
     rms = {}
 
@@ -471,7 +470,7 @@ def stage_rm(ctx, seed):
     for name, loss in plan if edits else plan[1:2]:
         gpt = load_gpt(sft_path, ctx.device)
         rms[name] = (reward.TokenRM(gpt, rmc.rm_scheme) if name == "token" else reward.SeqRM(gpt)).to(ctx.device)
-        train_rm(ctx, rms[name], loss, len(train), f"rm {name}")
+        train_rm(ctx, rms[name], loss, len(train), f"rm {name}", seed)
 
     # Metrics every RM gets: held-out pairwise accuracy; in the toy world also fact-flip
     # accuracy and Spearman against the gold judge on SFT samples.
@@ -483,23 +482,19 @@ def stage_rm(ctx, seed):
     metrics, norms = {}, {}
     for name, rm in rms.items():
         s_sft = seq_scores(ctx, rm, samples["prompts"], samples["responses"])
-        # Reward scale for PPO, fitted on SFT samples so all methods start on equal footing:
-        # token rewards centred per token (rm_center) and scaled so a response's sum has
-        # std 1; sequence scores standardised to mean 0, std 1.
-        c = sum(s_sft) / sum(lens) if name == "token" and rmc.rm_center else 0.0
-        sums = [s - c * n for s, n in zip(s_sft, lens)] if name == "token" else s_sft  # what PPO sees
-        t = torch.tensor(sums)
-        centred = lambda scores, texts: [x - c * len(tok.response_ids(ctx.enc, y)) for x, y in zip(scores, texts)]  # noqa: E731
-        norms[name] = {"center": c, "scale": t.std().item()} if name == "token" else \
-            {"center": t.mean().item(), "scale": t.std().item()}
-        hi = centred(seq_scores(ctx, rm, vp, [r["chosen"] for r in val]), [r["chosen"] for r in val])
-        lo = centred(seq_scores(ctx, rm, vp, [r["rejected"] for r in val]), [r["rejected"] for r in val])
+        norms[name] = fit_norm(s_sft, lens, dense=(name == "token"), center=rmc.rm_center)
+        c = norms[name]["center"] if name == "token" else 0.0  # token sums are centred per token
+
+        def score(prompts, texts):  # what PPO sees, one number per response
+            return [x - c * len(tok.response_ids(ctx.enc, y)) for x, y in zip(seq_scores(ctx, rm, prompts, texts), texts)]
+        hi = score(vp, [r["chosen"] for r in val])
+        lo = score(vp, [r["rejected"] for r in val])
         m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}
         if toy:
-            good = centred(seq_scores(ctx, rm, [p for p, _, _ in flips], [g for _, g, _ in flips]), [g for _, g, _ in flips])
-            bad = centred(seq_scores(ctx, rm, [p for p, _, _ in flips], [b for _, _, b in flips]), [b for _, _, b in flips])
+            good = score([p for p, _, _ in flips], [g for _, g, _ in flips])
+            bad = score([p for p, _, _ in flips], [b for _, _, b in flips])
             m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
-            m["spearman_vs_judge"] = reward.spearman(sums, gold_sft)
+            m["spearman_vs_judge"] = reward.spearman([x - c * n for x, n in zip(s_sft, lens)], gold_sft)
     if "seq_edits" in rms:
         e = seq_scores(ctx, rms["seq_edits"], vp, [r["edited"] for r in val])
         r = seq_scores(ctx, rms["seq_edits"], vp, [r["rejected"] for r in val])
@@ -552,7 +547,6 @@ def stage_judge(ctx):
     if ctx.records is None or ctx.skip(path):
         return
     recs = ctx.judge_records
-    ctx.seed = ctx.cfg.seed
     torch.manual_seed(ctx.cfg.seed)  # the same judge whether or not SFT ran in this process
     rm = reward.SeqRM(load_gpt(os.path.join(ctx.cfg.out, "sft", "model.pt"), ctx.device)).to(ctx.device)
 
@@ -560,9 +554,20 @@ def stage_judge(ctx):
         ps = [recs[i]["prompt"] for i in pairs]
         return reward.bt_loss(rm(*seq_batch(ctx, ps, [recs[i]["chosen"] for i in pairs])),
                               rm(*seq_batch(ctx, ps, [recs[i]["rejected"] for i in pairs])))
-    train_rm(ctx, rm, loss, len(recs), "judge rm")
+    train_rm(ctx, rm, loss, len(recs), "judge rm", ctx.cfg.seed)
     save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config),
                  "norm": {"center": 0.0, "scale": 1.0}, "scheme": ""}, path)
+
+
+def fit_norm(sums, lens, dense, center=True):
+    """Reward scale fitted on SFT samples, so that every method starts on equal footing: a
+    dense (per-token) reward is centred per token (if center) and scaled so that a
+    response's summed reward has std 1; a final (sequence) score is standardised."""
+    sums, lens = torch.as_tensor(sums, dtype=torch.float), torch.as_tensor(lens, dtype=torch.float)
+    if not dense:
+        return {"center": sums.mean().item(), "scale": sums.std().item()}
+    c = (sums.sum() / lens.sum()).item() if center else 0.0
+    return {"center": c, "scale": (sums - c * lens).std().item()}
 
 
 def load_rm(path, device):
@@ -637,10 +642,7 @@ def gold_norm(ctx, raw, dense):
     s = json.load(open(os.path.join(ctx.cfg.out, "sft", "samples.json")))
     idx, real = seq_batch(ctx, s["prompts"], s["responses"])
     resp = response_mask(ctx, idx, real)
-    r = raw(idx, real, resp)
-    sums, lens = r.sum(1), resp.sum(1)
-    c = (sums.sum() / lens.sum()).item() if dense and ctx.rmc.rm_center else (0.0 if dense else sums.mean().item())
-    return {"center": c, "scale": (sums - c * lens).std().item() if dense else sums.std().item()}
+    return fit_norm(raw(idx, real, resp).sum(1), resp.sum(1), dense, ctx.rmc.rm_center)
 
 
 def eval_set(ctx):
@@ -693,6 +695,11 @@ def stage_ppo(ctx, method, seed):
     cpu_gen = torch.Generator().manual_seed(seed)               # minibatch order
     rng = random.Random(seed)                                   # prompts
     start, log, curve = 0, [], []
+
+    def curve_point(it):  # win rate and judge score on the first n_curve evaluation prompts
+        wins, rates, _ = evaluate(ctx, policy.gpt, ev, cfg.n_curve)
+        curve.append({"iter": it, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]})
+
     if ck is not None:
         policy.load_state_dict(ck["policy"])
         opt.load_state_dict(ck["optimizer"])
@@ -702,8 +709,7 @@ def stage_ppo(ctx, method, seed):
         start, log, curve = ck["iter"], ck["log"], ck["curve"]
         print(f"ppo {method} seed {seed}: resuming at iteration {start}")
     else:
-        wins, rates, _ = evaluate(ctx, policy.gpt, ev, cfg.n_curve)
-        curve.append({"iter": 0, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]})
+        curve_point(0)
     sp = ctx.sp
     pbar = tqdm(range(start, pc.ppo_iters), desc=f"{method} s{seed}", dynamic_ncols=True)
     for it in pbar:
@@ -721,8 +727,7 @@ def stage_ppo(ctx, method, seed):
                    f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f}")
         last = it + 1 == pc.ppo_iters
         if (it + 1) % cfg.eval_every == 0 or last:
-            wins, rates, _ = evaluate(ctx, policy.gpt, ev, cfg.n_curve)
-            curve.append({"iter": it + 1, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]})
+            curve_point(it + 1)
         if (it + 1) % cfg.ckpt_every == 0 or last:
             save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it + 1,
                          "gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "rng": rng.getstate(),
