@@ -21,7 +21,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from train import Config
+from config import Config
 
 cfg = Config()
 device = "cuda" if torch.cuda.is_available() else "cpu"

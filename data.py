@@ -295,7 +295,7 @@ def _insert_fact(prompt, text, attr, new):
     return (text + " " + new) if text.strip() else new
 
 # -----------------------------------------------------------------------------
-# JSONL I/O for preference records {"prompt", "chosen", "rejected", "edited"}.
+# JSONL I/O for preference records {"prompt", "chosen", "rejected", "edited"}, and JSON files.
 
 FIELDS = ("prompt", "chosen", "rejected", "edited")
 
@@ -310,6 +310,14 @@ def write_jsonl(path, records):
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def write_json(obj, path):
+    """One JSON file, written atomically (the folder is created if needed)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path, required=("prompt", "chosen", "rejected"), optional=("edited",)):

@@ -15,6 +15,7 @@ Notation used in the shape comments:
 """
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -249,14 +250,16 @@ def token_logprobs(logits, tokens, temperature=1.0):
 
 
 def pick_device(device="auto"):
-    """cuda -> mps -> cpu, unless a device is named."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """cuda -> mps -> cpu, unless a device is named; a named device that is not there raises
+    ValueError with one line that says so."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: CUDA is not available on this machine; use --device=cpu (or auto)")
+    if device == "mps" and not has_mps:
+        raise ValueError("--device=mps: MPS is not available on this machine; use --device=cpu (or auto)")
+    return device
 
 
 def autocast(device):
@@ -264,3 +267,21 @@ def autocast(device):
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: every model of a run is a GPT (plus a head), saved as a state dict.
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_gpt(path, device):
+    """The GPT of a checkpoint written as {"model": state_dict, "model_args": GPTConfig fields}."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ck["model_args"])).to(device)
+    model.load_state_dict(ck["model"])
+    return model

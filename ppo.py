@@ -12,12 +12,16 @@ then GAE turns rewards and values into advantages and the clipped PPO objective 
 optimised for a few epochs over minibatches (Schulman et al., 2017; names as in
 CleanRL's ppo.py; the LM specifics follow Ouyang et al., 2022, and Huang et al., "The 37
 implementation details of PPO" (2022) and "The N implementation details of RLHF with
-PPO" (2023)). It runs as stage 4 of `python train.py`; tests/test_ppo.py checks it.
+PPO" (2023)). The task reward of each method (the r_t of the token RM, the sequence
+score) comes from reward.reward_fn. `train` at the bottom is the whole loop, rollout ->
+update -> log -> checkpoint; it runs as stage 4 of `python train.py`, and
+tests/test_ppo.py checks the pieces.
 
 Alignment. All per-token tensors are (B, T) over the full sequence (prompt + response)
 and indexed by the *action* token: column t holds log pi(idx[t] | idx[<t]) and the value
 of the state before idx[t] — both read from the model at position t-1, because the
-logit at position t scores token t+1. `mask` (B, T) is True on response tokens only.
+logit at position t scores token t+1. `real` (B, T) is True on real tokens (prompt and
+response, not padding); `resp_mask` (B, T) is True on response tokens only (the eot included).
 
 Choices and simplifications, said plainly:
 - The value function is a linear head on the policy's own trunk (one forward pass gives
@@ -27,18 +31,22 @@ Choices and simplifications, said plainly:
   methods: the last generated token is terminal (no bootstrap), and it gets the reward the
   method gives at the end (the sequence RM score, read at that last token) plus
   `trunc_penalty`.
-- Rewards are normalised once, on SFT samples (train.py), not per batch; no adaptive KL
+- Rewards are normalised once, on SFT samples (reward.fit_norm), not per batch; no adaptive KL
   controller, no entropy bonus, no minibatch-size-independent normalisation beyond
   masked means.
 """
 
+import os
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
-from model import token_logprobs
+from model import save_atomic, token_logprobs
+from reward import final_token_rewards
 
 
 @dataclass
@@ -69,10 +77,10 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.v_head.weight)  # start from V = 0 so early advantages are the rewards
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, idx, mask, temperature=1.0):
+    def forward(self, idx, real, temperature=1.0):
         """Action log-probs and values, both (B, T), aligned to action tokens (see docstring);
         plus the logits (B, T, V) for the entropy."""
-        h = self.gpt.hidden(idx, mask)  # (B, T, C)
+        h = self.gpt.hidden(idx, real)  # (B, T, C)
         logits = self.gpt.lm_head(h)  # (B, T, V)
         values = F.pad(self.v_head(h).squeeze(-1)[:, :-1], (1, 0))  # (B, T): V(state before idx[t])
         return token_logprobs(logits, idx, temperature), values.float(), logits
@@ -117,14 +125,6 @@ def kl_penalty_rewards(logp, ref_logp, mask, beta):
     return torch.where(mask.bool(), -beta * (logp - ref_logp), 0.0)
 
 
-def final_token_rewards(scores, mask):
-    """A (B, T) tensor with scores (B,) placed on the last response token (the eot itself)."""
-    last = mask.size(1) - 1 - mask.flip(1).int().argmax(1)  # (B,)
-    out = torch.zeros(mask.shape, device=scores.device)
-    out[torch.arange(mask.size(0)), last] = scores
-    return out * mask
-
-
 def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip_eps=0.2, clip_vf=0.2):
     """Clipped policy loss and clipped value loss over valid tokens, with CleanRL's stats."""
     logratio = logp - old_logp
@@ -151,25 +151,25 @@ def entropy(logits, mask, temperature=1.0):
 @torch.no_grad()
 def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, generator=None):
     """Sample responses and compute everything the update needs, as a dict of (B, T) tensors.
-    reward_fn(idx, real_mask, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
+    reward_fn(idx, real, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
     policy.eval(), ref.eval()  # no dropout in any model during RL
     idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
                                             temperature=cfg.temperature, generator=generator)
     real = (idx != pad) | resp_mask  # (B, T) real tokens: prompt and response
     logp, values, _ = policy(idx, real, cfg.temperature)  # recomputed, not taken from sampling
     ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, cfg.temperature)
-    mask = resp_mask.float()
     kl = torch.where(resp_mask, logp - ref_logp, 0.0)
     score = reward_fn(idx, real, resp_mask)  # (B, T)
-    truncated = ~((idx == eot) & resp_mask).any(1)  # (B,) no <|endoftext|> within the limit
-    score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, mask)
-    rewards = kl_penalty_rewards(logp, ref_logp, mask, cfg.beta) + score
-    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # returns before whitening
-    advantages = whiten(advantages, mask)
-    return dict(idx=idx, real=real, mask=mask, logp=logp, values=values, rewards=rewards,
+    resp_mask = resp_mask.float()
+    truncated = ~((idx == eot) & resp_mask.bool()).any(1)  # (B,) no <|endoftext|> within the limit
+    score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, resp_mask)
+    rewards = kl_penalty_rewards(logp, ref_logp, resp_mask, cfg.beta) + score
+    advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)  # returns before whitening
+    advantages = whiten(advantages, resp_mask)
+    return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, values=values, rewards=rewards,
                 advantages=advantages, returns=returns,
                 stats={"reward": (score.sum(1)).mean().item(), "kl": kl.sum(1).mean().item(),
-                       "length": mask.sum(1).mean().item(), "truncated": truncated.float().mean().item()})
+                       "length": resp_mask.sum(1).mean().item(), "truncated": truncated.float().mean().item()})
 
 
 def update(policy, optimizer, batch, cfg, generator=None):
@@ -181,10 +181,10 @@ def update(policy, optimizer, batch, cfg, generator=None):
         stats = []
         for start in range(0, B, cfg.minibatch):
             mb = perm[start:start + cfg.minibatch]
-            mb_mask = batch["mask"][mb]
+            mb_resp_mask = batch["resp_mask"][mb]
             logp, values, logits = policy(batch["idx"][mb], batch["real"][mb], cfg.temperature)
             pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
-                                          batch["values"][mb], batch["returns"][mb], mb_mask,
+                                          batch["values"][mb], batch["returns"][mb], mb_resp_mask,
                                           cfg.clip_eps, cfg.clip_vf)
             loss = pg_loss + cfg.vf_coef * v_loss
             if not torch.isfinite(loss):
@@ -194,10 +194,70 @@ def update(policy, optimizer, batch, cfg, generator=None):
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.ppo_grad_clip)
             optimizer.step()
             with torch.no_grad():
-                s["entropy"] = entropy(logits, mb_mask, cfg.temperature).item()
+                s["entropy"] = entropy(logits, mb_resp_mask, cfg.temperature).item()
             stats.append(s)
     out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-    b_returns, b_values, m = batch["returns"], batch["values"], batch["mask"].bool()
+    b_returns, b_values, m = batch["returns"], batch["values"], batch["resp_mask"].bool()
     var_y = b_returns[m].var()
     out["explained_var"] = float("nan") if var_y == 0 else (1 - (b_returns[m] - b_values[m]).var() / var_y).item()
     return out
+
+
+# -----------------------------------------------------------------------------
+# The loop: rollout -> update -> log -> checkpoint, resumable.
+
+def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, seed, path, name,
+          curve_point, eval_every, ckpt_every, stop_after=0):
+    """cfg.ppo_iters PPO iterations of policy against the frozen reference ref, resumed from
+    the checkpoint at path if there is one. next_prompts(rng) -> the prompt ids of one
+    rollout; curve_point(it) -> a learning-curve point. Stops early after stop_after
+    iterations of this call (0: never). Returns the state {"iter", "log", "curve"}."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)  # eps as CleanRL
+    # Everything random in a run is drawn from these three, saved in each checkpoint.
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=policy.gpt.lm_head.weight.device).manual_seed(seed)  # sampling
+    cpu_gen = torch.Generator().manual_seed(seed)  # minibatch order
+    rng = random.Random(seed)                      # prompts
+    state = load_state(path, policy, opt, gen, cpu_gen, rng)
+    if state is None:
+        state = {"iter": 0, "log": [], "curve": [curve_point(0)]}
+    else:
+        print(f"{name}: resuming at iteration {state['iter']}")
+    start = state["iter"]
+    for it in tqdm(range(start, cfg.ppo_iters), desc=name, dynamic_ncols=True):
+        # the method: sample and score a batch, then a few epochs of clipped updates on it
+        batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens, gen)
+        stats = update(policy, opt, batch, cfg, cpu_gen)
+        # the plumbing: log, learning curve, checkpoint
+        row = {"iter": it + 1, **batch["stats"], **stats}
+        state["log"].append(row)
+        state["iter"] = it + 1
+        tqdm.write(f"{name} iter {it + 1} | reward {row['reward']:.3f} | kl {row['kl']:.3f} | "
+                   f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f}")
+        last = it + 1 == cfg.ppo_iters
+        if (it + 1) % eval_every == 0 or last:
+            state["curve"].append(curve_point(it + 1))
+        if (it + 1) % ckpt_every == 0 or last:
+            save_state(path, policy, opt, gen, cpu_gen, rng, state)
+        if stop_after and it + 1 == start + stop_after:
+            break
+    return state
+
+
+def save_state(path, policy, opt, gen, cpu_gen, rng, state):
+    """A resumable checkpoint: weights, optimizer, the three random states, log and curve."""
+    save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                 "cpu_gen": cpu_gen.get_state(), "rng": rng.getstate(), **state}, path)
+
+
+def load_state(path, policy, opt, gen, cpu_gen, rng):
+    """Restore what save_state wrote into the given objects; the state, or None without a checkpoint."""
+    if not os.path.exists(path):
+        return None
+    ck = torch.load(path, weights_only=True)
+    policy.load_state_dict(ck["policy"])
+    opt.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["gen"].to(gen.device) if gen.device.type != "cpu" else ck["gen"])
+    cpu_gen.set_state(ck["cpu_gen"])
+    rng.setstate(ck["rng"])
+    return {"iter": ck["iter"], "log": ck["log"], "curve": ck["curve"]}

@@ -16,14 +16,27 @@ Reward models on a GPT trunk initialised from the SFT weights:
   (chosen, rejected) it is the standard RLHF baseline; on (edited, rejected) it is the
   ablation that sees the same edited data as the token RM but gives one number.
 
-Labels use -1 for "ignore" (prompt, padding), as nanoGPT's targets do.
+Below the models: how a minimal edit becomes per-token classes (label_pair, rm_examples),
+the training loops (train_token_rm, train_seq_rm), the reward scale fitted on SFT samples
+(fit_norm), and what each RL method reads per token (METHODS, reward_fn): the answer to
+"what reward does fine-grained PPO get?". Labels use -1 for "ignore" (prompt, padding), as
+nanoGPT's targets do. Run as stage 3 of `python train.py`; tests/test_reward.py checks it.
 """
 
+import dataclasses
+import os
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
+
+import data
+import diff_labels
+import tokenizer as tok
+from model import GPT, GPTConfig, autocast, load_gpt, save_atomic
 
 
 @dataclass
@@ -56,12 +69,14 @@ class TokenRM(nn.Module):
         self.gpt, self.scheme = gpt, scheme
         self.head = nn.Linear(gpt.config.n_embd, len(set(SCHEMES[scheme].values())))
 
-    def forward(self, idx, mask):
-        return self.head(self.gpt.hidden(idx, mask))  # (B, T, n_classes)
+    def forward(self, idx, real):
+        return self.head(self.gpt.hidden(idx, real))  # (B, T, n_classes)
 
-    def token_rewards(self, idx, mask, resp_mask):
-        """r_t (B, T) on response tokens, 0 elsewhere: -p(bad), or p(good) - p(bad) (paper)."""
-        p = F.softmax(self(idx, mask).float(), dim=-1)  # (B, T, K)
+    def token_rewards(self, idx, real, resp_mask):
+        """r_t (B, T) on response tokens, 0 elsewhere: -p(bad), or p(good) - p(bad) (paper).
+        Alignment: the class at position t is read from the hidden state of token t (which
+        has seen token t), and judges token t itself: no shift, unlike the LM's logits."""
+        p = F.softmax(self(idx, real).float(), dim=-1)  # (B, T, K)
         r = -p[..., 0] if self.scheme == "bad_vs_rest" else p[..., 2] - p[..., 0]
         return r * resp_mask
 
@@ -73,9 +88,9 @@ class SeqRM(nn.Module):
         self.gpt = gpt
         self.head = nn.Linear(gpt.config.n_embd, 1)
 
-    def forward(self, idx, mask):
-        h = self.gpt.hidden(idx, mask)  # (B, T, C)
-        last = h[torch.arange(idx.size(0), device=idx.device), last_index(mask)]  # (B, C): the eot token
+    def forward(self, idx, real):
+        h = self.gpt.hidden(idx, real)  # (B, T, C)
+        last = h[torch.arange(idx.size(0), device=idx.device), last_index(real)]  # (B, C): the eot token
         return self.head(last).squeeze(-1).float()  # (B,)
 
 
@@ -91,24 +106,213 @@ def bt_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
-def prf(pred, gold, k):
-    """Precision, recall and F1 of class k."""
-    tp = ((pred == k) & (gold == k)).sum().item()
-    p = tp / max((pred == k).sum().item(), 1)
-    r = tp / max((gold == k).sum().item(), 1)
-    return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12)}
+# -----------------------------------------------------------------------------
+# From a minimal edit to per-token classes: the supervision of the token RM.
+
+def label_pair(enc, original, edited, scheme):
+    """Token labels (-1/0/+1) of an original response and its edit, from the Myers diff of
+    their token ids (eot included, so an insertion at the end has a token to mark). Either
+    may be given as text or, for sampled responses, as the token ids actually generated."""
+    ids = [x if isinstance(x, list) else tok.response_ids(enc, x) for x in (original, edited)]
+    breaks = {enc.encode_ordinary(c)[0] for c in ".?!"}  # sentence ends: deletions snap to sentences
+    return diff_labels.token_labels(*ids, mark_insertions=(scheme == "bad_vs_rest"), breaks=breaks)
 
 
-def spearman(x, y):
-    """Spearman's rank correlation, ties given their average rank."""
-    def ranks(v):
-        v = torch.as_tensor(v, dtype=torch.float64)
-        order = v.argsort()
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for u in v.unique():  # average the ranks of ties
-            r[v == u] = r[v == u].mean()
-        return r
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return (rx * ry).sum().item() / max((rx.norm() * ry.norm()).item(), 1e-12)
+def label_stats(enc, records):
+    """What the (paper-scheme) labels of the edited records look like: the fraction of each
+    label over all tokens, and the mean token edit distance and rejected-response length."""
+    counts, dist, length = {-1: 0, 0: 0, 1: 0}, 0, 0
+    edited = [r for r in records if "edited" in r]
+    for r in edited:
+        lo, le = label_pair(enc, r["rejected"], r["edited"], "paper")
+        for v in lo + le:
+            counts[v] += 1
+        dist += sum(v != 0 for v in lo + le)  # token edit distance = deleted + inserted tokens
+        length += len(lo)
+    n_tok, n = max(sum(counts.values()), 1), max(len(edited), 1)
+    return {"label_fraction": {"-1": counts[-1] / n_tok, "0": counts[0] / n_tok, "+1": counts[1] / n_tok},
+            "mean_edit_distance_tokens": dist / n, "mean_response_tokens": length / n}
+
+
+def rm_examples(chat, records, scheme):
+    """Per record, two token-level examples (ids, classes), the rejected original and its
+    edit: ids are prompt + response + eot, classes[t] is the class of token ids[t] itself
+    (no shift: the RM judges the token it reads) and -1 on the prompt. Cut to block_size."""
+    out, m = [], SCHEMES[scheme]
+    for r in records:
+        p = chat.prompt(r["prompt"])
+        lo, le = label_pair(chat.enc, r["rejected"], r["edited"], scheme)
+        out.append([((p + chat.response(text))[:chat.block_size],
+                     ([-1] * len(p) + [m[v] for v in labels])[:chat.block_size])
+                    for text, labels in ((r["rejected"], lo), (r["edited"], le))])
+    return out
+
+
+def token_batch(chat, examples, device):
+    """(idx, real, classes), each (B, T), of a list of (ids, classes) examples."""
+    idx, real = tok.pad_left([x for x, _ in examples], chat.pad)
+    cls, _ = tok.pad_left([y for _, y in examples], -1)
+    return idx.to(device), real.to(device), cls.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Training: every RM gets rm_steps AdamW steps, whatever the number of pairs.
+
+def train_rm(model, loss_of, n, rmc, desc, seed, device):
+    """rm_steps AdamW steps of loss_of(list of pair indices) on random batches of rm_batch of
+    n pairs; a non-finite loss raises FloatingPointError before anything is saved."""
+    g = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
+    model.train()
+    pbar = tqdm(range(rmc.rm_steps), desc=desc, dynamic_ncols=True)
+    for it in pbar:
+        for group in opt.param_groups:  # short warmup, then constant
+            group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
+        with autocast(device):
+            loss = loss_of(g.sample(range(n), min(rmc.rm_batch, n)))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.4f}")
+    return model.eval()
+
+
+def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
+    """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences of each pair."""
+    ex = rm_examples(chat, pairs, rmc.rm_scheme)
+    rm = TokenRM(load_gpt(sft_path, device), rmc.rm_scheme).to(device)
+
+    def loss(batch):
+        idx, real, cls = token_batch(chat, [x for i in batch for x in ex[i]], device)
+        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight)
+    return train_rm(rm, loss, len(pairs), rmc, "rm token", seed, device)
+
+
+def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
+    """Sequence RM: Bradley-Terry on (pair[better], pair["rejected"])."""
+    rm = SeqRM(load_gpt(sft_path, device)).to(device)
+
+    def loss(batch):
+        prompts = [pairs[i]["prompt"] for i in batch]
+        hi = rm(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
+        lo = rm(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
+        return bt_loss(hi, lo)
+    return train_rm(rm, loss, len(pairs), rmc, desc, seed, device)
+
+
+def save_rm(rm, norm, path):
+    scheme = rm.scheme if isinstance(rm, TokenRM) else ""
+    save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config), "norm": norm,
+                 "scheme": scheme}, path)
+
+
+def load_rm(path, device):
+    """(RM in eval mode, its norm) of a checkpoint written by save_rm; token.pt holds the token RM."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    gpt = GPT(GPTConfig(**ck["model_args"]))
+    rm = TokenRM(gpt, ck["scheme"]) if path.endswith("token.pt") else SeqRM(gpt)
+    rm.load_state_dict(ck["model"])
+    return rm.to(device).eval(), ck["norm"]
+
+
+# -----------------------------------------------------------------------------
+# One number per response, and the reward scale fitted on SFT samples.
+
+@torch.no_grad()
+def response_scores(rm, chat, prompts, responses, device, batch=128):
+    """One number per response: the sequence RM's score, or the token RM's summed reward."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        idx, real = chat.batch(prompts[i:i + batch], responses[i:i + batch], device)
+        if isinstance(rm, TokenRM):
+            out += rm.token_rewards(idx, real, chat.response_mask(idx, real)).sum(1).tolist()
+        else:
+            out += rm(idx, real).tolist()
+    return out
+
+
+def centred_scores(rm, norm, chat, prompts, responses, device):
+    """What PPO sees of a response, one number, before scaling: the sequence RM's score,
+    or the token RM's rewards summed after the per-token centring (see fit_norm)."""
+    c = norm["center"] if isinstance(rm, TokenRM) else 0.0
+    return [x - c * len(chat.response(y)) for x, y in zip(response_scores(rm, chat, prompts, responses, device), responses)]
+
+
+def fit_norm(sums, lens, dense, center=True):
+    """Reward scale fitted on SFT samples, so that every method starts on equal footing: a
+    dense (per-token) reward is centred per token (if center) and scaled so that a
+    response's summed reward has std 1; a final (sequence) score is standardised.
+    sums: each sample's summed raw reward; lens: its number of response tokens."""
+    sums, lens = torch.as_tensor(sums, dtype=torch.float), torch.as_tensor(lens, dtype=torch.float)
+    if not dense:
+        return {"center": sums.mean().item(), "scale": sums.std().item()}
+    c = (sums.sum() / lens.sum()).item() if center else 0.0
+    return {"center": c, "scale": (sums - c * lens).std().item()}
+
+
+# -----------------------------------------------------------------------------
+# What each RL method reads: a (B, T) reward tensor over prompt + response.
+
+METHODS = {  # method: (reward source, dense per-token or final)
+    "ppo": ("seq", False),               # sequence RM on (chosen > rejected), at the eot
+    "fg_ppo": ("token", True),           # token RM on the edits, on every response token
+    "ppo_edits": ("seq_edits", False),   # sequence RM on (edited > rejected): same data, one number
+    "oracle_ppo": ("judge", False),      # gold judge score at the end (control, beyond the paper)
+    "oracle_fg": ("annotator", True),    # gold per-token labels: annotator + diff on each sample
+}
+
+
+def final_token_rewards(scores, resp_mask):
+    """A (B, T) tensor with scores (B,) placed on the last response token (the eot itself)."""
+    last = last_index(resp_mask)  # (B,)
+    out = torch.zeros(resp_mask.shape, device=scores.device)
+    out[torch.arange(resp_mask.size(0)), last] = scores
+    return out * resp_mask
+
+
+def gold_rewards(chat, idx, real, resp_mask, dense):
+    """Oracle rewards, unnormalised: -1 on each token that the annotator's edit of the
+    sample labels bad (dense; the same labels as the token RM learns), or the gold judge's
+    score on the eot (final)."""
+    prompts, responses = chat.split(idx, resp_mask)
+    if not dense:
+        scores = [data.score(p, tok.decode_response(chat.enc, r)) for p, r in zip(prompts, responses)]
+        return final_token_rewards(torch.tensor(scores, dtype=torch.float, device=idx.device), resp_mask.float())
+    out = torch.zeros(idx.shape, device=idx.device)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        labels, _ = label_pair(chat.enc, r, data.annotate(p, tok.decode_response(chat.enc, r)), "bad_vs_rest")
+        cols = resp_mask[i].nonzero().squeeze(1)  # label k belongs to the k-th response token
+        out[i, cols] = torch.tensor(labels, dtype=torch.float, device=idx.device)
+    return out
+
+
+def reward_fn(method, rm_dir, chat, samples, rmc, device):
+    """(idx, real, resp_mask) -> (B, T) task rewards of a method, normalised on the SFT
+    samples {"prompts", "responses"}: dense rewards on every response token, or a final
+    score on the eot (the KL penalty is added by ppo.rollout)."""
+    source, dense = METHODS[method]
+    if source in ("seq", "token", "seq_edits"):
+        rm, norm = load_rm(os.path.join(rm_dir, f"{source}.pt"), device)
+        if dense:
+            raw = rm.token_rewards
+        else:
+            def raw(idx, real, resp_mask):
+                return final_token_rewards(rm(idx, real), resp_mask.float())
+    else:
+        def raw(idx, real, resp_mask):
+            return gold_rewards(chat, idx, real, resp_mask, dense)
+        idx, real = chat.batch(samples["prompts"], samples["responses"], device)
+        resp = chat.response_mask(idx, real)
+        norm = fit_norm(raw(idx, real, resp).sum(1), resp.sum(1), dense, rmc.rm_center)  # as for the RMs
+
+    def fn(idx, real, resp_mask):
+        with autocast(device):
+            r = raw(idx, real, resp_mask).float()
+        if dense:  # centre per token, then scale so that a response's summed reward has std ~1
+            return (r - norm["center"] * resp_mask) / norm["scale"]
+        ones = torch.ones(len(r), device=r.device)
+        return (r - norm["center"] * final_token_rewards(ones, resp_mask.float())) / norm["scale"]
+    return fn

@@ -15,6 +15,9 @@ Usage:
     sp = special_ids(enc)                   # callers insert special ids directly:
     # [sp["<|user|>"]] + ids(prompt) + [sp["<|assistant|>"]] + ids(response) + [sp["<|endoftext|>"]]
 
+A run reads and writes text through a `Chat` (bottom of the file): the chat format with the
+run's length limits, from texts to left-padded (B, T) batches and from sampled ids back.
+
 Why encode_ordinary: user text may literally contain "<|endoftext|>". Parsing it
 as a special would let data inject control tokens; tiktoken's plain `encode`
 would raise. encode_ordinary treats it as ordinary bytes, and decode round-trips.
@@ -25,6 +28,7 @@ from collections import Counter, defaultdict
 
 import regex
 import tiktoken
+import torch
 
 # chat format: <|user|>prompt<|assistant|>response<|endoftext|>
 # <|pad|> is distinct from <|endoftext|> so PPO can mask padding without hiding real EOS.
@@ -159,3 +163,69 @@ def decode_response(enc, ids):
     sp = special_ids(enc)
     ids = ids[:ids.index(sp["<|endoftext|>"])] if sp["<|endoftext|>"] in ids else ids
     return enc.decode([t for t in ids if t not in sp.values()])
+
+
+# -----------------------------------------------------------------------------
+# The chat format of a run, on tensors: texts in, left-padded batches out, and back.
+
+def pad_left(seqs, pad):
+    """List of token lists -> (idx, real), both (B, T): left-padded so that every row ends
+    at the last column (where generation appends), real True at the tokens of seqs."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad, dtype=torch.long)
+    real = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        idx[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        real[i, T - len(s):] = True
+    return idx, real
+
+
+class Chat:
+    """The chat format of one run: its encoding and special ids, and the length limits
+    (block_size tokens in all, max_new_tokens of them for the response)."""
+
+    def __init__(self, enc, block_size, max_new_tokens):
+        self.enc, self.sp = enc, special_ids(enc)
+        self.eot, self.pad = self.sp["<|endoftext|>"], self.sp["<|pad|>"]
+        self.block_size, self.max_new_tokens = block_size, max_new_tokens
+
+    def prompt(self, prompt):
+        """Chat-formatted prompt ids, cut from the left to leave room for the response."""
+        return prompt_ids(self.enc, prompt)[-(self.block_size - self.max_new_tokens):]
+
+    def response(self, response):
+        return response_ids(self.enc, response)
+
+    def batch(self, prompts, responses, device="cpu"):
+        """(idx, real) (B, T) of prompt + response + <|endoftext|>, the prompt cut first, then
+        the end of a response longer than block_size."""
+        ids = [(self.prompt(p) + self.response(r))[:self.block_size] for p, r in zip(prompts, responses)]
+        idx, real = pad_left(ids, self.pad)
+        return idx.to(device), real.to(device)
+
+    def response_mask(self, idx, real):
+        """(B, T) True at response tokens (the eot included): real tokens after <|assistant|>."""
+        start = (idx == self.sp["<|assistant|>"]).int().argmax(1, keepdim=True) + 1  # (B, 1)
+        return real & (torch.arange(idx.size(1), device=idx.device)[None] >= start)
+
+    def split(self, idx, resp_mask):
+        """Prompt texts and response token ids (eot included) of a batch of sequences."""
+        prompts, responses = [], []
+        for row, m in zip(idx.tolist(), resp_mask.tolist()):
+            a = row.index(self.sp["<|assistant|>"])
+            prompts.append(self.enc.decode([t for t in row[:a] if t not in self.sp.values()]))
+            responses.append([t for t, k in zip(row, m) if k])
+        return prompts, responses
+
+    @torch.no_grad()
+    def sample(self, model, prompts, generator, temperature=1.0, batch=64):
+        """Decoded responses (eot stripped) of model to prompts, sampled in batches with the KV cache."""
+        out = []
+        model.eval()
+        for i in range(0, len(prompts), batch):
+            ids = [self.prompt(p) for p in prompts[i:i + batch]]
+            idx, resp_mask, _ = model.generate(ids, self.max_new_tokens, self.eot, self.pad,
+                                               temperature=temperature, generator=generator)
+            out += [decode_response(self.enc, [t for t, k in zip(row, m) if k])
+                    for row, m in zip(idx.tolist(), resp_mask.tolist())]
+        return out

@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny  # noqa: E402
 import ppo  # noqa: E402
 from model import GPT, GPTConfig, token_logprobs  # noqa: E402
-from ppo import (ActorCritic, PPOConfig, compute_gae, final_token_rewards,  # noqa: E402
-                 kl_penalty_rewards, ppo_loss, whiten)
+from ppo import ActorCritic, PPOConfig, compute_gae, kl_penalty_rewards, ppo_loss, whiten  # noqa: E402
+from reward import final_token_rewards  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -325,7 +325,7 @@ def test_rollout_ratio_is_one_on_first_minibatch():
     ref = copy.deepcopy(policy.gpt)
     batch = _rollout(policy, ref)
     mb = torch.randperm(CFG.rollout_batch, generator=torch.Generator().manual_seed(0))[:CFG.minibatch]
-    m = batch["mask"][mb].bool()
+    m = batch["resp_mask"][mb].bool()
     with torch.no_grad():
         logp, values, _ = policy(batch["idx"][mb], batch["real"][mb], CFG.temperature)
     ratio = (logp - batch["logp"][mb]).exp()
@@ -340,7 +340,7 @@ def test_rollout_kl_zero_when_policy_equals_ref():
     ref = copy.deepcopy(policy.gpt)
     batch = _rollout(policy, ref)
     assert batch["stats"]["kl"] == 0.0
-    mask = batch["mask"]
+    mask = batch["resp_mask"]
     truncated = ~(batch["idx"] == EOT).any(1)
     task = dense_reward(batch["idx"], batch["real"], mask.bool())
     task = task + final_token_rewards(truncated.float() * CFG.trunc_penalty, mask)
@@ -355,7 +355,7 @@ def test_rollout_kl_penalty_against_different_ref():
     policy = actor_critic()
     ref = tiny(seed=5)
     batch = _rollout(policy, ref)
-    idx, real, mask = batch["idx"], batch["real"], batch["mask"]
+    idx, real, mask = batch["idx"], batch["real"], batch["resp_mask"]
     with torch.no_grad():
         ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, CFG.temperature)
     truncated = ~(idx == EOT).any(1)
@@ -372,7 +372,7 @@ def test_rollout_returns_before_whitening_and_advantages_whitened():
     policy = actor_critic()
     ref = tiny(seed=5)
     batch = _rollout(policy, ref)
-    mask = batch["mask"]
+    mask = batch["resp_mask"]
     adv, ret = compute_gae(batch["rewards"], batch["values"], mask, CFG.gamma, CFG.lam)
     assert torch.equal(batch["returns"], ret)
     torch.testing.assert_close(batch["advantages"], whiten(adv, mask), atol=1e-6, rtol=0)
@@ -389,7 +389,7 @@ def test_rollout_truncation_penalty_on_last_token():
     zero = lambda idx, real, resp: torch.zeros(idx.shape)  # noqa: E731
     cfg = PPOConfig(rollout_batch=8, trunc_penalty=-2.5)
     batch = _rollout(policy, ref, cfg, reward_fn=zero, max_new_tokens=3)
-    resp = batch["mask"].bool()
+    resp = batch["resp_mask"].bool()
     for b in range(8):
         cols = resp[b].nonzero().squeeze(1)
         last = cols[-1].item()
@@ -462,7 +462,7 @@ def test_update_first_minibatch_ratio_is_one(dropout):
     ppo.update(policy, _opt(policy, 1e-2), batch, CFG, torch.Generator().manual_seed(3))
     assert not policy.training and not any(m.training for m in policy.modules())
     mb = torch.randperm(CFG.rollout_batch, generator=torch.Generator().manual_seed(3))[:CFG.minibatch]
-    m = batch["mask"][mb].bool()
+    m = batch["resp_mask"][mb].bool()
     first = policy.calls[0]
     torch.testing.assert_close(first[m], batch["logp"][mb][m], atol=1e-6, rtol=0)
     assert len(policy.calls) == CFG.ppo_epochs * CFG.rollout_batch // CFG.minibatch
@@ -488,7 +488,7 @@ def test_update_raises_on_non_finite_loss():
     policy = actor_critic()
     ref = copy.deepcopy(policy.gpt)
     batch = _rollout(policy, ref)
-    batch["advantages"] = torch.where(batch["mask"].bool(), float("nan"), 0.0)
+    batch["advantages"] = torch.where(batch["resp_mask"].bool(), float("nan"), 0.0)
     before = [p.detach().clone() for p in policy.parameters()]
     with pytest.raises(FloatingPointError):
         ppo.update(policy, _opt(policy, 1e-3), batch, CFG, torch.Generator().manual_seed(0))
@@ -520,3 +520,37 @@ def test_update_learns_to_emit_rewarded_token():
     p_after = p7()
     assert p_after > 3 * p_before, (p_before, p_after)
     assert sum(rewards[-5:]) > sum(rewards[:5]) + 1.0, rewards
+
+
+# -----------------------------------------------------------------------------
+# The loop: resuming from a checkpoint equals running straight through
+
+
+def _train(path, stop_after=0, iters=4):
+    policy, ref = actor_critic(), actor_critic().gpt
+    cfg = PPOConfig(ppo_iters=iters, rollout_batch=6, minibatch=3, ppo_epochs=1, ppo_lr=1e-3)
+    points = []
+
+    def curve_point(it):
+        points.append(it)
+        return {"iter": it}
+
+    def next_prompts(rng):
+        return random_prompts(cfg.rollout_batch, seed=rng.randrange(10 ** 6))
+    state = ppo.train(policy, ref, dense_reward, next_prompts, cfg, EOT, PAD, 6, 0, str(path), "test", curve_point,
+                      eval_every=2, ckpt_every=1, stop_after=stop_after)
+    return policy, state, points
+
+
+def test_train_resumed_equals_uninterrupted(tmp_path):
+    """ppo.train stopped after 2 of 4 iterations and called again gives the same weights, log
+    and curve as 4 iterations in one call: the checkpoint carries every random state."""
+    policy_a, state_a, points_a = _train(tmp_path / "a.pt")
+    _, half, _ = _train(tmp_path / "b.pt", stop_after=2)
+    assert half["iter"] == 2 and torch.load(tmp_path / "b.pt", weights_only=True)["iter"] == 2
+    policy_b, state_b, points_b = _train(tmp_path / "b.pt")
+    assert state_a["iter"] == state_b["iter"] == 4
+    assert state_a["log"] == state_b["log"] and state_a["curve"] == state_b["curve"]
+    assert points_a == [0, 2, 4] and points_b == [4]  # the resumed call starts where the checkpoint ended
+    for (k, a), (_, b) in zip(policy_a.state_dict().items(), policy_b.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -1,6 +1,6 @@
 """Tests for train.py: the pipeline end to end on a smaller-than-tiny config (outputs, schema,
 determinism, resuming after --stop_after and after SIGKILL, skipping, config checks, flag
-errors, atomic checkpoints, non-finite losses), and its helpers bootstrap_ci / parse_args."""
+errors, atomic checkpoints, non-finite losses), and bring-your-own data."""
 import glob
 import json
 import math
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
+import model  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,7 +241,7 @@ def test_no_tmp_files_left_after_a_run(ref):
 def test_save_atomic_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
     """If torch.save dies half-way, save_atomic leaves the previous checkpoint intact."""
     path = str(tmp_path / "sub" / "ck.pt")
-    train.save_atomic({"v": torch.tensor([1.0, 2.0])}, path)  # creates the folder too
+    model.save_atomic({"v": torch.tensor([1.0, 2.0])}, path)  # creates the folder too
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
 
     def broken_save(obj, f, *args, **kwargs):
@@ -250,10 +251,10 @@ def test_save_atomic_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train.save_atomic({"v": torch.tensor([3.0])}, path)
+        model.save_atomic({"v": torch.tensor([3.0])}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
-    train.save_atomic({"v": torch.tensor([3.0])}, path)  # a later save still works
+    model.save_atomic({"v": torch.tensor([3.0])}, path)  # a later save still works
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([3.0]))
     assert not os.path.exists(path + ".tmp")
 
@@ -267,66 +268,6 @@ def test_nonfinite_sft_loss_stops_without_checkpoint(tmp_path):
     assert "sft stopped at step" in p.stderr and "nan" in p.stderr.lower(), p.stderr
     assert not os.path.exists(os.path.join(out, "sft", "model.pt"))
     assert not os.path.exists(os.path.join(out, "prefs.jsonl"))
-
-
-# -----------------------------------------------------------------------------
-# Helpers
-
-
-def test_bootstrap_ci_constant_data_zero_width():
-    """Constant data: the CI is the constant itself, for one seed and for several."""
-    assert train.bootstrap_ci([[0.5] * 50]) == pytest.approx([0.5, 0.5])
-    assert train.bootstrap_ci([[1.0] * 20] * 3) == pytest.approx([1.0, 1.0])
-
-
-def test_bootstrap_ci_binary_matches_normal_approximation():
-    """1 seed x P Bernoulli values: the CI holds the mean and is about mean +- 1.96 sqrt(p(1-p)/P)."""
-    g = torch.Generator().manual_seed(0)
-    P = 400
-    x = (torch.rand(P, generator=g) < 0.3).double()
-    p = x.mean().item()
-    lo, hi = train.bootstrap_ci([x.tolist()])
-    half = 1.96 * math.sqrt(p * (1 - p) / P)
-    assert lo < p < hi
-    assert lo == pytest.approx(p - half, abs=0.2 * half)
-    assert hi == pytest.approx(p + half, abs=0.2 * half)
-    assert train.bootstrap_ci([x.tolist()]) == [lo, hi]  # seeded: the same interval every time
-
-
-def test_parse_args_types_sections_and_presets():
-    """--key=value lands on the right dataclass with the right type, on top of the preset."""
-    cfgs, force, preset = train.parse_args(["--preset=tiny", "--n_layer=3", "--sft_lr=1", "--beta=0.5",
-                                            "--methods=ppo,fg_ppo", "--rm_center=false", "--p_wrong=0.5",
-                                            "--rm_steps=7", "--force"])
-    cfg, world, rmc, pc = (cfgs[c] for c in (train.Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig))
-    assert force is True and preset == "tiny"
-    assert cfg.n_layer == 3 and type(cfg.n_layer) is int
-    assert cfg.sft_lr == 1.0 and type(cfg.sft_lr) is float
-    assert cfg.methods == "ppo,fg_ppo" and type(cfg.methods) is str
-    assert pc.beta == 0.5 and type(pc.beta) is float
-    assert rmc.rm_center is False and rmc.rm_steps == 7
-    assert world.p_wrong == 0.5
-    # the rest of the tiny preset, in whichever section each key lives
-    tiny = train.PRESETS["tiny"]
-    assert cfg.n_embd == tiny["n_embd"] and cfg.sft_steps == tiny["sft_steps"] and cfg.n_sft == tiny["n_sft"]
-    assert pc.ppo_iters == tiny["ppo_iters"] and pc.rollout_batch == tiny["rollout_batch"]
-    # untouched keys keep the dataclass defaults
-    assert pc.ppo_lr == ppo.PPOConfig().ppo_lr and world.p_rude == data.WorldConfig().p_rude
-    for s, v in [("true", True), ("1", True), ("False", False), ("0", False)]:
-        assert train.parse_args([f"--rm_center={s}"])[0][reward.RMConfig].rm_center is v
-
-
-def test_parse_args_defaults_and_errors():
-    """No flags gives every dataclass's defaults and no force; bad values exit with the expected type."""
-    cfgs, force, preset = train.parse_args([])
-    assert force is False and preset == "default"
-    for cls in train.SECTIONS:
-        assert cfgs[cls] == cls()
-    for flag, word in [("--n_layer=2.5", "int"), ("--rm_center=maybe", "bool"), ("--beta=abc", "float"),
-                       ("n_layer=2", "--key=value"), ("--n_layer", "--key=value")]:
-        with pytest.raises(SystemExit) as e:
-            train.parse_args([flag])
-        assert word in str(e.value.code), (flag, e.value.code)
 
 
 # -----------------------------------------------------------------------------

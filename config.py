@@ -1,0 +1,154 @@
+"""
+The configuration of a run and its command line. The dataclasses are the single source of
+truth: one per concern (Config here for the pipeline; data.WorldConfig, reward.RMConfig,
+ppo.PPOConfig beside the code they configure); presets are data; the parser and `--help`
+are generated from the fields, their types and their comments.
+
+    python train.py --help                         # every flag, by section, with its default
+    python train.py --preset=tiny --beta=0.1       # --key=value ...
+    python train.py --preset tiny --beta 0.1       # ... or --key value
+"""
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+import data
+import ppo
+import reward
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass for the pipeline; the world, reward models and PPO have their own.
+
+
+@dataclass
+class Config:
+    out: str = "out"             # output directory of every stage
+    seed: int = 1337
+    device: str = "auto"         # auto = cuda -> mps -> cpu
+    # corpus and tokenizer
+    n_sft: int = 20000           # (prompt, noisy response) examples in the SFT corpus
+    tokenizer: str = "bpe"       # bpe (trained here) | gpt2 (needs tiktoken's files)
+    vocab_size: int = 512        # of the trained BPE, specials included
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 160        # prompt + response; the longest toy answers are ~110 tokens
+    # SFT
+    sft_steps: int = 600
+    sft_batch: int = 64
+    sft_lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_new_tokens: int = 110    # response length limit when sampling
+    n_judge: int = 500           # SFT samples judged (sft/metrics.json) and used to fit reward scales
+    # preference data: the annotation budget, the same for every method
+    n_pairs: int = 1000
+    data: str = ""               # your own preference JSONL instead of the toy world (see README)
+    # RL and evaluation
+    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg
+    seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
+    n_eval: int = 500            # evaluation prompts, drawn with their own seed
+    k_ref: int = 4               # SFT reference samples per evaluation prompt
+    n_curve: int = 100           # prompts for the learning curves during PPO
+    eval_every: int = 10         # PPO iterations between learning-curve points
+    ckpt_every: int = 5          # PPO iterations between checkpoints
+    stop_after: int = 0          # stop each PPO run after this many iterations (0: never); to test resuming
+    sweep: str = ""              # key:v1,v2,... runs the pipeline once per value (train.sweep)
+
+
+SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
+PRESETS = {
+    "default": {},
+    "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=400, sft_batch=32,
+                 sft_lr=1e-2, warmup=20, n_judge=100, n_pairs=150, rm_steps=40, ppo_iters=6,
+                 rollout_batch=32, minibatch=16, n_eval=100, k_ref=2, n_curve=32, eval_every=3),
+    "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
+                sft_lr=1e-3, warmup=200),
+}
+CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
+MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2}  # every other int flag is >= 1
+
+
+def field_comments(cls):
+    """{field: its trailing comment, continuation lines included}: the --help text."""
+    out, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*#?\s*(.*)$", line):
+            name, out[m[1]] = m[1], m[2]
+        elif name and line.strip().startswith("#"):
+            out[name] += " " + line.strip("# ")
+    return out
+
+
+def flag_type(name, typ):
+    """How a flag's text becomes a field's value: its type (bools as true/false/1/0), ints at
+    least MINIMUM (1 unless listed), a value of CHOICES, methods checked against reward.METHODS."""
+    def parse(s):
+        try:
+            v = {"true": True, "false": False, "1": True, "0": False}[s.lower()] if typ is bool else typ(s)
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a valid {typ.__name__}") from None
+        lo = MINIMUM.get(name, 1) if typ is int else None
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"--{name}={s} must be at least {lo}")
+        if name in CHOICES and v not in CHOICES[name]:
+            raise argparse.ArgumentTypeError(f"{s!r} is not allowed; allowed values: {', '.join(CHOICES[name])}")
+        bad = [m for m in v.split(",") if m not in reward.METHODS] if name == "methods" else []
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad)}; allowed: {', '.join(reward.METHODS)}")
+        return v
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and a non-zero exit, instead of usage + message
+        if message.startswith("unrecognized") or "expected one argument" in message:
+            message += ("; flags are --key=value or --key value; valid keys: --preset, --force, "
+                        + ", ".join(f"--{f.name}" for c in SECTIONS for f in dataclasses.fields(c)))
+        sys.exit(f"error: {message}")
+
+
+def parse_args(argv):
+    """Flags onto the fields of SECTIONS, on top of --preset (default: default).
+    Returns ({section class: instance}, force, preset)."""
+    p = Parser(usage="python train.py [--preset=NAME] [--force] [--key=value | --key value ...]",
+               description="Fine-grained RLHF from minimal edits: the whole pipeline.", allow_abbrev=False)
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="; ".join(f"{k}: {v or 'the dataclass defaults'}" for k, v in PRESETS.items()))
+    p.add_argument("--force", action="store_true", help="delete this folder's outputs and redo every stage")
+    for cls in SECTIONS:
+        group, comments = p.add_argument_group(cls.__name__), field_comments(cls)
+        for f in dataclasses.fields(cls):
+            group.add_argument(f"--{f.name}", type=flag_type(f.name, type(f.default)),
+                               metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else type(f.default).__name__.upper(),
+                               help=f"{comments.get(f.name, '')} (default: {f.default!r})".strip())
+    args = vars(p.parse_args(argv))
+    force, preset = args.pop("force"), args.pop("preset")
+    values = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}
+    cfgs = {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+            for cls in SECTIONS}
+    if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
+        sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
+    return cfgs, force, preset
+
+
+def sweep_values(cfgs):
+    """(section, key, value texts, values) of --sweep=key:v1,v2,...; one line and an exit on
+    a key that changes SFT (a sweep shares its SFT model) or on a bad value."""
+    key, _, text = cfgs[Config].sweep.partition(":")
+    texts = [v for v in text.split(",") if v]
+    section = next((c for c in SECTIONS if key in {f.name for f in dataclasses.fields(c)}), None)
+    sft_keys = {f.name for c in (Config, data.WorldConfig) for f in dataclasses.fields(c)} - {
+        "n_pairs", "methods", "seeds", "n_curve", "eval_every", "ckpt_every", "stop_after", "p_annotator_miss"}
+    if section is None or key in sft_keys or not texts:
+        sys.exit(f"error: --sweep=key:v1,v2,... with a key that leaves SFT alone (not {', '.join(sorted(sft_keys))})")
+    try:
+        return section, key, texts, [flag_type(key, type(getattr(cfgs[section], key)))(v) for v in texts]
+    except argparse.ArgumentTypeError as e:
+        sys.exit(f"error: --sweep={cfgs[Config].sweep}: {e}")

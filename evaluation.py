@@ -1,0 +1,336 @@
+"""
+Evaluation and report: how good a policy is, how good a reward model is, and the files a
+reader looks at.
+
+- Win rate against the SFT model: each policy sample is compared with K fixed SFT samples
+  of the same prompt under the world's judge (win 1, tie 0.5, loss 0), on an evaluation
+  set drawn with its own seed; 95% CIs by a bootstrap over seeds and then prompts, paired
+  when two methods are compared on the same seeds and prompts.
+- Reward-model diagnostics: held-out pairwise accuracy, and with a gold judge the
+  fact-flip accuracy (a correct answer against the same answer with one value changed),
+  Spearman against the judge, and the token RM's bad-class recall per error type.
+- The report: results.json, results.md, ppo_diagnostics.png, learning_curves.png,
+  token_rewards.html; for sweeps sweep.json and headline.png.
+Run as stage 5 of `python train.py`.
+"""
+
+import html
+import json
+import os
+import random
+
+import torch
+
+import data
+import diff_labels
+import ppo
+import reward
+from model import load_gpt
+
+# -----------------------------------------------------------------------------
+# Statistics
+
+
+def bootstrap_ci(x, n_boot=2000, seed=0):
+    """95% CI of the mean of x (S seeds, P prompts), resampling seeds and then prompts, so
+    that both sources of variance are in the interval (with one seed: prompts only)."""
+    x = torch.as_tensor(x, dtype=torch.float64)  # (S, P)
+    g = torch.Generator().manual_seed(seed)
+    S, P = x.shape
+    si = torch.randint(S, (n_boot, S, 1), generator=g)
+    pi = torch.randint(P, (n_boot, 1, P), generator=g)
+    means = x[si, pi].mean((1, 2))  # (n_boot,)
+    return [means.quantile(0.025).item(), means.quantile(0.975).item()]
+
+
+def prf(pred, gold, k):
+    """Precision, recall and F1 of class k."""
+    tp = ((pred == k) & (gold == k)).sum().item()
+    p = tp / max((pred == k).sum().item(), 1)
+    r = tp / max((gold == k).sum().item(), 1)
+    return {"precision": p, "recall": r, "f1": 2 * p * r / max(p + r, 1e-12)}
+
+
+def spearman(x, y):
+    """Spearman's rank correlation, ties given their average rank."""
+    def ranks(v):
+        v = torch.as_tensor(v, dtype=torch.float64)
+        order = v.argsort()
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for u in v.unique():  # average the ranks of ties
+            r[v == u] = r[v == u].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx * ry).sum().item() / max((rx.norm() * ry.norm()).item(), 1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Win rate against the SFT model
+
+def eval_set(path, world, chat, sft_path, cfg, device):
+    """Evaluation prompts (their own seed) with K judged SFT reference samples each; cached at path."""
+    if os.path.exists(path):
+        return json.load(open(path))
+    rng = random.Random(cfg.seed + 1000)
+    prompts = [world.eval_prompt(rng) for _ in range(cfg.n_eval)]
+    sft = load_gpt(sft_path, device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000)
+    refs = [chat.sample(sft, prompts, gen) for _ in range(cfg.k_ref)]
+    out = {"prompts": prompts, "refs": refs, "ref_scores": [world.scores(prompts, rs) for rs in refs]}
+    data.write_json(out, path)
+    return out
+
+
+def evaluate(model, ev, world, chat, seed, n=None):
+    """Per-prompt win values against the K reference samples (win 1, tie 0.5, loss 0), the
+    judge's error rates of the policy's samples (one per prompt, temperature 1), and the samples."""
+    prompts = ev["prompts"][:n]
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    responses = chat.sample(model, prompts, gen)
+    wins = []
+    for i, s in enumerate(world.scores(prompts, responses)):
+        refs = [rs[i] for rs in ev["ref_scores"]]
+        wins.append(sum(1.0 if s > q else 0.5 if s == q else 0.0 for q in refs) / len(refs))
+    return wins, world.rates(prompts, responses), responses
+
+
+def final_eval(path, ppo_path, sft_path, ev, world, chat, seed, device):
+    """Win values and error rates of a finished policy on the full evaluation set; cached at path."""
+    if os.path.exists(path):
+        return json.load(open(path))
+    ck = torch.load(ppo_path, map_location=device, weights_only=True)
+    policy = ppo.ActorCritic(load_gpt(sft_path, device)).to(device)
+    policy.load_state_dict(ck["policy"])
+    wins, rates, responses = evaluate(policy.gpt, ev, world, chat, seed)
+    out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8]}
+    data.write_json(out, path)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Reward-model diagnostics
+
+def fact_flips(n, seed):
+    """(prompt, correct answer, the same answer with one fact's value changed) triples."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        p = data.sample_prompt(rng)
+        e, attrs = data.parse_prompt(p)
+        a = rng.choice(attrs)
+        wrong = rng.choice([v for v in data.VALUES[a] if v != data.KB[e][a]])
+        good = data.ideal_response(p)
+        out.append((p, good, good.replace(data.FACT[a].format(e=e, v=data.KB[e][a]),
+                                          data.FACT[a].format(e=e, v=wrong))))
+    return out
+
+
+def error_types(enc, record, labels):
+    """For each bad-labelled token of a rejected response: the judge's category of the
+    sentence it sits in, or "missing" for an insertion point (a bad label on a kept token)."""
+    deleted, _ = reward.label_pair(enc, record["rejected"], record["edited"], "paper")
+    text, offsets = enc.decode_with_offsets(enc.encode_ordinary(record["rejected"]))
+    ends = offsets[1:] + [len(text)]  # a token's last character is at ends[i] - 1
+    verdicts, _ = data.classify(record["prompt"], record["rejected"])
+    types = []
+    for i, v in enumerate(labels):
+        if v != -1:
+            types.append(None)
+        elif deleted[i] != -1:
+            types.append("missing")
+        else:
+            c = ends[i] - 1
+            types.append(next((k for (s, t), k, _, _ in verdicts if s <= c < t), "unparseable"))
+    return types
+
+
+@torch.no_grad()
+def token_metrics(trm, chat, val, scheme, gold, device, batch=32):
+    """Held-out per-class precision/recall/F1 of the token RM; with a gold judge also the
+    bad-class recall by error type (which errors the RM catches)."""
+    vex = reward.rm_examples(chat, val, scheme)
+    pred, true, by_type = [], [], {}
+    for i in range(0, len(vex), batch):
+        idx, real, cls = reward.token_batch(chat, [x for pair in vex[i:i + batch] for x in pair], device)
+        p = trm(idx, real).argmax(-1)  # (B, T), rows 2k (rejected) and 2k+1 (edited) of pair i+k
+        pred.append(p[cls != -1])
+        true.append(cls[cls != -1])
+        for k, r in enumerate(val[i:i + batch] if gold else []):  # the rejected responses
+            labels, _ = reward.label_pair(chat.enc, r["rejected"], r["edited"], scheme)
+            for t, h in zip(error_types(chat.enc, r, labels), p[2 * k][cls[2 * k] != -1].tolist()):
+                if t is not None:
+                    by_type.setdefault(t, []).append(h == 0)
+    pred, true = torch.cat(pred), torch.cat(true)
+    names = ["bad", "neutral", "good"] if scheme == "paper" else ["bad", "rest"]
+    out = {"scheme": scheme, **{f"{n}_{k}": v for c, n in enumerate(names) for k, v in prf(pred, true, c).items()}}
+    if gold:
+        out["bad_recall_by_type"] = {t: sum(h) / len(h) for t, h in sorted(by_type.items())}
+    return out
+
+
+def rm_metrics(rms, norms, sft_scores, samples, val, world, chat, scheme, seed, device):
+    """Metrics of every RM: held-out pairwise accuracy of the scores PPO sees; with a gold
+    judge also fact-flip accuracy and Spearman against the judge on the SFT samples
+    (whose raw scores sft_scores[name] fitted norms[name])."""
+    vp = [r["prompt"] for r in val]
+    flips = fact_flips(300, seed + 7) if world.gold else []
+    gold_sft = world.scores(samples["prompts"], samples["responses"]) if world.gold else None
+    lens = [len(chat.response(r)) for r in samples["responses"]]
+    metrics = {}
+    for name, rm in rms.items():
+        def score(prompts, texts):  # what PPO sees, one number per response
+            return reward.centred_scores(rm, norms[name], chat, prompts, texts, device)
+        hi = score(vp, [r["chosen"] for r in val])
+        lo = score(vp, [r["rejected"] for r in val])
+        m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}
+        if world.gold:
+            good = score([p for p, _, _ in flips], [g for _, g, _ in flips])
+            bad = score([p for p, _, _ in flips], [b for _, _, b in flips])
+            m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
+            c = norms[name]["center"] if name == "token" else 0.0
+            m["spearman_vs_judge"] = spearman([x - c * n for x, n in zip(sft_scores[name], lens)], gold_sft)
+    if "seq_edits" in rms:
+        e = reward.response_scores(rms["seq_edits"], chat, vp, [r["edited"] for r in val], device)
+        r = reward.response_scores(rms["seq_edits"], chat, vp, [r["rejected"] for r in val], device)
+        metrics["seq_edits"]["pairwise_acc_edited_vs_rejected"] = sum(a > b for a, b in zip(e, r)) / len(val)
+    if "token" in rms:
+        metrics["token"].update(token_metrics(rms["token"], chat, val, scheme, world.gold, device))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+def results(config, seeds, methods, evals, world, ev, rm_metrics_by_seed, timing):
+    """The results.json dict; evals[method] is the list of final_eval outputs, one per seed."""
+    sft_rates = world.rates(ev["prompts"], ev["refs"][0])
+    out = {"config": config, "seeds": seeds, "methods": {"sft": sft_rates}}
+    for m in methods:
+        res = evals[m]
+        wins = [r["wins"] for r in res]
+        rates = {k: sum(r["rates"][k] for r in res) / len(seeds) for k in sft_rates}
+        out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
+                             "win_rate_ci95": bootstrap_ci(wins), **rates,
+                             # KL to the reference at the end of training (mean of the last 5 iterations)
+                             "kl": sum(sum(x["kl"] for x in r["log"][-5:]) / len(r["log"][-5:]) for r in res) / len(seeds),
+                             "per_seed": [{"seed": s, "win_rate": sum(w) / len(w), **r["rates"]}
+                                          for s, w, r in zip(seeds, wins, res)]}
+    if "ppo" in methods and "fg_ppo" in methods:  # paired: same seeds, same prompts
+        diff = [[a - b for a, b in zip(f["wins"], p["wins"])] for f, p in zip(evals["fg_ppo"], evals["ppo"])]
+        out["fg_ppo_minus_ppo"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
+    out["reward_models"] = rm_metrics_by_seed
+    out["timing_s"] = timing
+    return out
+
+
+def results_md(out, methods, world, n_eval, k_ref):
+    cols = [c for c in ("wrong", "missing", "rude", "off_topic", "unparseable", "repeated", "unrequested")
+            if c in out["methods"]["sft"]]  # error rates exist only with a gold judge
+
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+    lines = [f"# Results ({len(out['seeds'])} seed(s), {n_eval} evaluation prompts, "
+             f"K={k_ref} SFT reference samples each)", "",
+             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL"] + cols), row(["---"] * (4 + len(cols)))]
+    sft = out["methods"]["sft"]
+    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0"] + [f"{sft[c]:.3f}" for c in cols]))
+    for m in methods:
+        r = out["methods"][m]
+        lo, hi = r["win_rate_ci95"]
+        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", f"{r['kl']:.2f}"]
+                         + [f"{r[c]:.3f}" for c in cols]))
+    if "fg_ppo_minus_ppo" in out:
+        d = out["fg_ppo_minus_ppo"]
+        lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
+    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO iterations."]
+    return "\n".join(lines + world.notes()) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(out_dir, evals, methods, n_curve):
+    """ppo_diagnostics.png (the first seed's PPO statistics per iteration) and
+    learning_curves.png (win rate and judge score during training, mean over seeds)."""
+    plt = _pyplot()
+    keys = ["reward", "kl", "clipfrac", "entropy", "explained_var", "length"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, k in zip(axes.flat, keys):
+        for m in methods:
+            log = evals[m][0]["log"]
+            ax.plot([r["iter"] for r in log], [r[k] for r in log], label=m)
+        ax.set_title(k)
+        ax.set_xlabel("iteration")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "ppo_diagnostics.png"), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, k in zip(axes, ["win_rate", "judge_score"]):
+        for m in methods:
+            curves = [r["curve"] for r in evals[m]]
+            ys = [sum(c[i][k] for c in curves) / len(curves) for i in range(len(curves[0]))]
+            ax.plot([p["iter"] for p in curves[0]], ys, marker="o", label=m)
+        ax.set_title(f"{k} ({n_curve} prompts, mean over seeds)")
+        ax.set_xlabel("PPO iteration")
+    axes[0].axhline(0.5, color="grey", lw=0.5)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "learning_curves.png"), dpi=80)
+    plt.close("all")
+
+
+@torch.no_grad()
+def token_rewards_html(path, rm, samples, world, chat, device, n=8):
+    """SFT samples with each token coloured by the token RM's reward, beside the gold labels."""
+    rows = []
+    for p, r in list(zip(samples["prompts"], samples["responses"]))[:n]:
+        idx, real = chat.batch([p], [r], device)
+        resp = chat.response_mask(idx, real)
+        ids = idx[0][resp[0]].tolist()
+        rewards = rm.token_rewards(idx, real, resp)[0][resp[0]].tolist()
+        toks = [chat.enc.decode([t]) for t in ids]
+        rows.append(f"<h4>{html.escape(p)} (judge {world.scores([p], [r])[0]:+.1f})</h4>"
+                    f"<p>token RM: {diff_labels.render(toks, rewards, html=True)}</p>")
+        if world.gold:  # the gold labels need the annotator
+            gold, _ = reward.label_pair(chat.enc, ids, data.annotate(p, r), "bad_vs_rest")
+            rows.append(f"<p>gold labels: {diff_labels.render(toks, gold, html=True)}</p>")
+    with open(path, "w") as f:
+        f.write("<html><body><h3>Token RM rewards on SFT samples (red = bad)</h3>" + "".join(rows) + "</body></html>")
+
+
+def plot_sweep(path, key, values, runs):
+    """headline.png: win rate against SFT and wrong-fact rate per method against the swept
+    value, and the win-rate / KL frontier. runs[value] is that run's results.json."""
+    plt = _pyplot()
+    methods = [m for m in runs[values[0]]["methods"] if m != "sft"]
+    numeric = all(v.replace(".", "", 1).replace("e-", "", 1).isdigit() for v in values)
+    values = sorted(values, key=float) if numeric else values
+    x = [float(v) for v in values] if numeric else list(range(len(values)))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in methods:
+        rs = [runs[v]["methods"][m] for v in values]
+        wr = [r["win_rate"] for r in rs]
+        err = [[w - r["win_rate_ci95"][0] for w, r in zip(wr, rs)], [r["win_rate_ci95"][1] - w for w, r in zip(wr, rs)]]
+        axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=3, label=m)
+        axes[1].plot(x, [r.get("wrong", float("nan")) for r in rs], marker="o", label=m)
+        kl_order = sorted(range(len(rs)), key=lambda i: rs[i]["kl"])  # a frontier is read along KL
+        axes[2].plot([rs[i]["kl"] for i in kl_order], [wr[i] for i in kl_order], marker="o", label=m)
+    axes[1].plot(x, [runs[v]["methods"]["sft"].get("wrong", float("nan")) for v in values], "k--", label="sft")
+    axes[0].axhline(0.5, color="grey", lw=0.5)
+    for ax, t, xl in zip(axes, ["win rate vs SFT (95% CI)", "wrong facts per stated fact", "win rate / KL frontier"],
+                         [key, key, "KL to SFT per response"]):
+        ax.set_title(t)
+        ax.set_xlabel(xl)
+        if xl == key and not numeric:
+            ax.set_xticks(x, values)
+        elif xl == key and min(x) > 0 and max(x) / min(x) > 5:
+            ax.set_xscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")

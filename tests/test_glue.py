@@ -1,0 +1,181 @@
+"""Tests for the glue between the method's files, where an off-by-one would pass every other
+test: the chat format's batches and response mask, the SFT shift, the reward model's
+unshifted labels, the reward normalisation, and the reward tensor PPO reads (a bad token's
+reward lands on exactly that token)."""
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny  # noqa: E402
+import data  # noqa: E402
+import reward  # noqa: E402
+import tokenizer as tok  # noqa: E402
+import train  # noqa: E402
+
+PROMPT = "What does the cow eat?"
+WRONG, RIGHT = "The cow eats fish.", "The cow eats grass."  # the KB says grass: " fish" is the error
+
+
+@pytest.fixture(scope="module")
+def chat():
+    rng = random.Random(0)
+    texts = []
+    for _ in range(1000):
+        p = data.sample_prompt(rng)
+        texts.append(p + " " + data.noisy_response(p, rng))
+    return tok.Chat(tok.build_encoding(tok.train_bpe(texts, 512)), block_size=160, max_new_tokens=110)
+
+
+def positions_of(chat, ids, text):
+    """Columns t of a token list where ids[t] decodes to text."""
+    return [t for t, i in enumerate(ids) if chat.enc.decode([i]) == text]
+
+
+def test_fish_is_one_token(chat):
+    """The hand-made pair below relies on " fish" and " grass" being single tokens of the test BPE."""
+    assert [chat.enc.decode([t]) for t in chat.enc.encode_ordinary(" fish")] == [" fish"]
+    assert len(chat.enc.encode_ordinary(" grass")) == 1
+
+
+# -----------------------------------------------------------------------------
+# Chat format
+
+
+def test_batch_and_response_mask(chat):
+    """Left-padded batch: real marks every token of prompt + response + eot; the response mask
+    marks exactly the response tokens and the eot, whatever the padding."""
+    prompts, responses = [PROMPT, "Tell me about the duck."], [WRONG, "The duck is yellow. The duck says quack."]
+    idx, real = chat.batch(prompts, responses)
+    resp = chat.response_mask(idx, real)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = chat.prompt(p) + chat.response(r)
+        assert idx[i][real[i]].tolist() == ids
+        assert idx[i][resp[i]].tolist() == chat.response(r)  # eot included
+        assert idx[i][resp[i]][-1].item() == chat.eot
+        assert not (resp[i] & ~real[i]).any()
+    assert (idx[~real] == chat.pad).all()
+    assert chat.split(idx, resp) == (prompts, [chat.response(r) for r in responses])
+
+
+def test_sft_targets_are_the_next_token(chat):
+    """SFT: targets[t] = ids[t+1] on the response (the logit at t scores token t+1), -1 elsewhere."""
+    ids, tgt = train.sft_example(chat, PROMPT, WRONG)
+    p, r = chat.prompt(PROMPT), chat.response(WRONG)
+    assert ids == p + r and len(tgt) == len(ids)
+    scored = [t for t, y in enumerate(tgt) if y != -1]
+    assert scored == list(range(len(p) - 1, len(ids) - 1))  # from the last prompt token to the one before eot
+    assert all(tgt[t] == ids[t + 1] for t in scored)
+    assert [tgt[t] for t in scored] == r  # every response token, the eot included, is predicted once
+
+
+# -----------------------------------------------------------------------------
+# Reward-model labels: class t labels token t itself (no shift)
+
+
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+def test_rm_examples_label_the_wrong_token_itself(chat, scheme):
+    """(rejected, edited) examples: -1 on the prompt; on the rejected response class 0 (bad)
+    exactly at " fish"; with the paper scheme class 2 (good) exactly at " grass" of the edit."""
+    rec = {"prompt": PROMPT, "chosen": RIGHT, "rejected": WRONG, "edited": RIGHT}
+    (ids_o, cls_o), (ids_e, cls_e) = reward.rm_examples(chat, [rec], scheme)[0]
+    n_p = len(chat.prompt(PROMPT))
+    assert ids_o == chat.prompt(PROMPT) + chat.response(WRONG) and ids_e == chat.prompt(PROMPT) + chat.response(RIGHT)
+    assert cls_o[:n_p] == [-1] * n_p and cls_e[:n_p] == [-1] * n_p
+    assert [t for t, c in enumerate(cls_o) if c == 0] == positions_of(chat, ids_o, " fish")
+    assert all(c == 1 for t, c in enumerate(cls_o) if t >= n_p and c != 0)
+    good = [t for t, c in enumerate(cls_e) if c == 2]
+    assert good == (positions_of(chat, ids_e, " grass") if scheme == "paper" else [])
+
+
+def test_trained_token_rm_blames_the_wrong_token_in_a_rollout_batch(chat):
+    """End to end: a token RM fitted on one labelled pair, read through reward_fn's path on a
+    left-padded batch laid out as a rollout, gives its lowest reward at the " fish" column."""
+    torch.manual_seed(0)
+    rm = reward.TokenRM(tiny(vocab_size=chat.enc.n_vocab, block_size=160), "bad_vs_rest")
+    rec = {"prompt": PROMPT, "chosen": RIGHT, "rejected": WRONG, "edited": RIGHT}
+    idx, real, cls = reward.token_batch(chat, reward.rm_examples(chat, [rec], "bad_vs_rest")[0], "cpu")
+    opt = torch.optim.Adam(rm.parameters(), lr=3e-3)
+    rm.train()
+    for _ in range(60):
+        loss = reward.token_loss(rm(idx, real), cls)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rm.eval()
+    idx, real = chat.batch(["Tell me about the cow.", PROMPT], ["The cow is brown. The cow says moo.", WRONG])
+    resp = chat.response_mask(idx, real)
+    with torch.no_grad():
+        r = rm.token_rewards(idx, real, resp)  # (B, T), what fg_ppo reads before normalisation
+    row = r[1]
+    fish = positions_of(chat, idx[1].tolist(), " fish")
+    assert len(fish) == 1 and row.argmin().item() == fish[0]
+    assert (r[~resp] == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Normalisation and the reward tensor of each method
+
+
+def test_fit_norm_hand_computed():
+    """sums [1, 2, 3], lengths [1, 1, 2]: dense c = 6/4, centred sums [-0.5, 0.5, 0], std 0.5;
+    final: mean 2, std 1; dense without centring: c = 0, std 1."""
+    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=True) == pytest.approx({"center": 1.5, "scale": 0.5})
+    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=False) == pytest.approx({"center": 2.0, "scale": 1.0})
+    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=True, center=False) == pytest.approx({"center": 0.0, "scale": 1.0})
+
+
+def samples_for_norm(n=24, seed=0):
+    rng = random.Random(seed)
+    prompts = [data.sample_prompt(rng) for _ in range(n)]
+    return {"prompts": prompts, "responses": [data.noisy_response(p, rng) for p in prompts]}
+
+
+def test_oracle_fg_reward_lands_on_the_bad_token(chat):
+    """oracle_fg: the annotator's labels of each sample, -1 exactly at " fish" (the column of
+    the left-padded rollout batch), 0 on every other token and off the response."""
+    idx, real = chat.batch(["Tell me about the cow.", PROMPT], ["The cow is brown.", WRONG])
+    resp = chat.response_mask(idx, real)
+    gold = reward.gold_rewards(chat, idx, real, resp, dense=True)
+    fish = positions_of(chat, idx[1].tolist(), " fish")
+    assert [t for t in range(idx.size(1)) if gold[1, t] != 0] == fish
+    assert gold[1, fish[0]] == -1
+    # the first answer omits seven requested facts: only insertion points are blamed, inside the response
+    assert (gold[~resp] == 0).all() and (gold[0] != 0).any()
+
+
+def test_oracle_fg_normalised_on_samples(chat):
+    """reward_fn("oracle_fg") on the very samples it was fitted on: per-response sums have mean 0
+    and std 1, and a neutral token gets exactly -c/s (the per-token centring)."""
+    samples = samples_for_norm()
+    fn = reward.reward_fn("oracle_fg", "unused", chat, samples, reward.RMConfig(), "cpu")
+    idx, real = chat.batch(samples["prompts"], samples["responses"])
+    resp = chat.response_mask(idx, real)
+    r = fn(idx, real, resp)
+    sums = r.sum(1)
+    assert sums.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert sums.std().item() == pytest.approx(1.0, abs=1e-5)
+    raw = reward.gold_rewards(chat, idx, real, resp, dense=True)
+    neutral = resp & (raw == 0)
+    c = raw.sum() / resp.sum()  # mean raw reward per token, < 0: so a neutral token earns +|c|/s
+    s = (raw.sum(1) - c * resp.sum(1)).std()
+    torch.testing.assert_close(r[neutral], (-c / s).expand(int(neutral.sum())), atol=1e-6, rtol=0)
+    assert (r[~resp] == 0).all()
+
+
+def test_oracle_ppo_reward_sits_on_the_eot_standardised(chat):
+    """reward_fn("oracle_ppo"): one number per response, on its eot column, equal to the gold
+    judge's score standardised over the samples."""
+    samples = samples_for_norm()
+    fn = reward.reward_fn("oracle_ppo", "unused", chat, samples, reward.RMConfig(), "cpu")
+    idx, real = chat.batch(samples["prompts"], samples["responses"])
+    resp = chat.response_mask(idx, real)
+    r = fn(idx, real, resp)
+    eot_col = idx.size(1) - 1  # left padding: every row ends at the last column, on its eot
+    assert (idx[:, eot_col] == chat.eot).all()
+    assert (r[:, :eot_col] == 0).all()
+    scores = torch.tensor([data.score(p, x) for p, x in zip(samples["prompts"], samples["responses"])])
+    torch.testing.assert_close(r[:, eot_col], (scores - scores.mean()) / scores.std(), atol=1e-5, rtol=0)
