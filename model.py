@@ -99,6 +99,16 @@ class KVCache:
         self.layer += 1
         return self.k[i, :, :, :self.t + T], self.v[i, :, :, :self.t + T]
 
+    def add_mask(self, mask):
+        """Record which of the next T positions are real (mask (B, T)); returns the real keys up
+        to them (B, t + T) and the count of real tokens before them (B, 1)."""
+        self.mask[:, self.t:self.t + mask.size(1)] = mask
+        return self.mask[:, :self.t + mask.size(1)], self.mask[:, :self.t].sum(1, keepdim=True)
+
+    def advance(self, T):
+        """Every layer has written the T new positions: the next call continues after them."""
+        self.t, self.layer = self.t + T, 0
+
 
 @dataclass
 class GPTConfig:
@@ -148,12 +158,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         mask = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
         t0 = cache.t if cache is not None else 0
-        if cache is not None:
-            cache.mask[:, t0:t0 + T] = mask
-            mask_k = cache.mask[:, :t0 + T]  # (B, Tk) real keys, past and present
-            past = cache.mask[:, :t0].sum(1, keepdim=True)  # (B, 1) real tokens before idx
-        else:
-            mask_k, past = mask, 0
+        # (B, Tk) real keys, past and present; (B, 1) real tokens before idx
+        mask_k, past = cache.add_mask(mask) if cache is not None else (mask, 0)
         pos = (past + mask.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
         assert pos.max() < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
         # A query attends to earlier real keys; it may always attend to itself, so that padding
@@ -166,7 +172,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, allowed, cache)
         if cache is not None:
-            cache.t, cache.layer = t0 + T, 0
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, mask=None, cache=None):

@@ -209,9 +209,9 @@ def stage_rm(cfg, world, chat, rmc, seed, device):
 
 
 def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
-    path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"ppo {method} seed {seed}"
+    path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"{method} seed {seed}"
     if os.path.exists(path) and torch.load(path, weights_only=True)["iter"] == pc.ppo_iters:
-        print(f"{name}: {path} complete, skipping (--force to redo)")
+        print(f"ppo {name}: {path} complete, skipping (--force to redo)")
         return
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
     ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
@@ -231,7 +231,7 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
         state = ppo.train(policy, ref, reward_fn, next_prompts, pc, chat.eot, chat.pad, cfg.max_new_tokens, seed,
                           path, name, curve_point, cfg.eval_every, cfg.ckpt_every, cfg.stop_after)
     except FloatingPointError as e:
-        sys.exit(f"error: {name} stopped: {e}; the last good checkpoint {path} is intact")
+        sys.exit(f"error: ppo {name} stopped: {e}; the last good checkpoint {path} is intact")
     if state["iter"] < pc.ppo_iters:
         sys.exit(f"stopped after {cfg.stop_after} iterations (--stop_after); rerun to resume")
 
