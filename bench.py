@@ -2,16 +2,23 @@
 Speed and memory figures, printed as JSON (never asserted in tests: machines are noisy).
 
     python bench.py                      # model figures at the default config
-    python bench.py --pipeline=tiny      # also time the whole pipeline of a preset, per stage
+    python bench.py --pipeline=tiny      # also the whole pipeline of a preset: per stage, per PPO part
 
-- train_tokens_per_s: SFT-style forward + backward + AdamW step, batch 64 x 96 tokens
+- matmul_gflops_1_thread / _all_threads: this machine's fp32 matmul peak (2048 x 2048)
+- sft_step_*: one SFT step (forward + backward + AdamW) of the default model on toy-corpus
+  batches of 64, drawn at random or grouped by length (tok.grouped_sample): seconds, the
+  fraction of padded positions, and real-token GFLOP/s (6 * params * tokens + attention,
+  real tokens only) as a fraction of the matmul peak at the same thread count
 - gen_tokens_per_s_cache / _nocache: batched sampling, batch 32, 128 new tokens, and their
-  ratio (the KV cache turns each step from O(T) tokens of work into O(1))
-- peak_rss_mb: the process's peak resident memory
+  ratio (the KV cache turns each step from O(T) tokens of work into O(1)), at the thread
+  count train.py gives a lone process
+- peak_rss_mb: this process's peak resident memory; with --pipeline also the peak summed over
+  the pipeline's processes (its workers included)
 """
 
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -20,15 +27,16 @@ import time
 
 import torch
 
-from model import GPT, GPTConfig
+import data
+import tokenizer as tok
 from config import Config
+from model import GPT, GPTConfig
+from train import processes, sft_example
 
 cfg = Config()
 device = "cuda" if torch.cuda.is_available() else "cpu"
-torch.manual_seed(0)
-model = GPT(GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
-out = {"device": device, "threads": torch.get_num_threads(), "params_M": model.num_params() / 1e6}
+jobs, threads, job_threads = processes(cfg, device)
+out = {"device": device, "threads": threads, "threads_per_job": job_threads, "jobs": jobs}
 
 
 def timeit(f, reps):
@@ -43,41 +51,106 @@ def timeit(f, reps):
     return (time.perf_counter() - t0) / reps
 
 
-# Training throughput
-B, T = 64, 96
-x = torch.randint(0, cfg.vocab_size - 4, (B, T), device=device)
-opt = model.configure_optimizers(0.1, 1e-3)
+# The matmul peak: the most a step could do on this machine.
+for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
+    torch.set_num_threads(n_threads)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    out[f"matmul_gflops_{name}"] = 2 * 2048 ** 3 / timeit(lambda: a @ b, 5) / 1e9
+
+# SFT steps on toy-corpus batches, at random and grouped by length.
+rng = random.Random(0)
+corpus = [(p, data.noisy_response(p, rng)) for p in (data.sample_prompt(rng) for _ in range(3000))]
+chat = tok.Chat(tok.build_encoding(tok.train_bpe([p + " " + r for p, r in corpus], cfg.vocab_size)),
+                cfg.block_size, cfg.max_new_tokens)
+examples = [sft_example(chat, p, r) for p, r in corpus]
+lengths = [len(x) for x, _ in examples]
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                      n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+opt = model.configure_optimizers(cfg.weight_decay, 1e-4)
+out["params_M"] = model.num_params() / 1e6
 
 
-def train_step():
-    _, loss = model(x, x)
+def sft_batches(grouped, n=10, seed=0):
+    g = random.Random(seed)
+    picks = [tok.grouped_sample(lengths, 64, g) if grouped else g.sample(range(len(examples)), 64) for _ in range(n)]
+    batches = []
+    for p in picks:
+        idx, real = tok.pad_left([examples[i][0] for i in p], chat.pad)
+        tgt, _ = tok.pad_left([examples[i][1] for i in p], -1)
+        batches.append((idx.to(device), real.to(device), tgt.to(device)))
+    return batches
+
+
+def step(batch):
+    idx, real, tgt = batch
+    _, loss = model(idx, tgt, mask=real)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-out["train_tokens_per_s"] = B * T / timeit(train_step, 10)
+for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
+    torch.set_num_threads(n_threads)
+    for grouped in (False, True):
+        batches = sft_batches(grouped)
+        it = iter(batches * 2)
+        dt = timeit(lambda: step(next(it)), len(batches) - 1)
+        real = sum(r.sum().item() for _, r, _ in batches) / len(batches)
+        T = sum(r.size(1) for _, r, _ in batches) / len(batches)
+        flops = real * (6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T)  # attention: 6 * 2 * L * C * T
+        key = f"sft_step_{'grouped' if grouped else 'random'}_{name}"
+        out[key] = {"s": dt, "pad_fraction": 1 - real / (64 * T), "real_gflops": flops / dt / 1e9,
+                    "of_matmul_peak": flops / dt / 1e9 / out[f"matmul_gflops_{name}"]}
 
 # Generation with and without the KV cache (eot = -1 never matches: all 128 tokens are made)
+torch.set_num_threads(threads)
 model.eval()
 prompts = [[1 + (i % 7)] * (4 + i % 9) for i in range(32)]  # different lengths: left padding
 for use_cache in (True, False):
-    dt = timeit(lambda: model.generate(prompts, 128, eot=-1, pad=cfg.vocab_size - 1, temperature=1.0,
+    dt = timeit(lambda: model.generate(prompts, 128, eot=-1, pad=chat.pad, temperature=1.0,
                                        use_cache=use_cache), 2)
     out[f"gen_tokens_per_s_{'cache' if use_cache else 'nocache'}"] = 32 * 128 / dt
 out["cache_speedup"] = out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"]
+
+
+def rss_mb(pid):
+    """Resident memory of pid and all its descendants, from /proc (0 where it is gone)."""
+    children, total = {}, 0
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            children.setdefault(int(stat[1]), []).append(int(p))
+        except OSError:
+            continue
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            total += int(open(f"/proc/{p}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total / 2 ** 20
+
+
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# Optionally: the whole pipeline of a preset, wall-clock per stage (from its results.json)
+# Optionally: the whole pipeline of a preset, wall-clock per stage and per PPO part (from its results.json)
 for a in sys.argv[1:]:
     if a.startswith("--pipeline="):
         preset = a.split("=", 1)[1]
         with tempfile.TemporaryDirectory() as d:
-            t0 = time.time()
-            subprocess.run([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-            out[f"pipeline_{preset}_s"] = time.time() - t0
-            out[f"pipeline_{preset}_stages_s"] = json.load(open(os.path.join(d, "results.json")))["timing_s"]
+            t0, peak = time.time(), 0.0
+            proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)))
+            while proc.poll() is None:
+                peak = max(peak, rss_mb(proc.pid))
+                time.sleep(0.5)
+            assert proc.returncode == 0, f"train.py --preset={preset} failed"
+            res = json.load(open(os.path.join(d, "results.json")))
+            out[f"pipeline_{preset}"] = {"wall_s": time.time() - t0, "peak_rss_mb_all_processes": peak,
+                                         **res["processes"], **res["timing_s"]}
 
 print(json.dumps(out, indent=2))

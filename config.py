@@ -59,6 +59,9 @@ class Config:
     eval_every: int = 10         # PPO iterations between learning-curve points
     ckpt_every: int = 5          # PPO iterations between checkpoints
     stop_after: int = 0          # stop each PPO run after this many iterations (0: never); to test resuming
+    # processes and threads (results are bit-for-bit the same for the same threads per process)
+    jobs: int = 0                # worker processes for the independent RM and PPO runs (0: a CPU core each; 1 on a GPU)
+    threads: int = 0             # torch threads per process (0: OMP_NUM_THREADS if set, else the cores shared by the jobs)
     sweep: str = ""              # key:v1,v2,... runs the pipeline once per value (train.sweep)
 
 
@@ -72,7 +75,7 @@ PRESETS = {
                 sft_lr=1e-3, warmup=200),
 }
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
-MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2}  # every other int flag is >= 1
+MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
 
 
 def field_comments(cls):
@@ -145,7 +148,8 @@ def sweep_values(cfgs):
     texts = [v for v in text.split(",") if v]
     section = next((c for c in SECTIONS if key in {f.name for f in dataclasses.fields(c)}), None)
     sft_keys = {f.name for c in (Config, data.WorldConfig) for f in dataclasses.fields(c)} - {
-        "n_pairs", "methods", "seeds", "n_curve", "eval_every", "ckpt_every", "stop_after", "p_annotator_miss"}
+        "n_pairs", "methods", "seeds", "n_curve", "eval_every", "ckpt_every", "stop_after", "jobs", "threads",
+        "p_annotator_miss"}
     if section is None or key in sft_keys or not texts:
         sys.exit(f"error: --sweep=key:v1,v2,... with a key that leaves SFT alone (not {', '.join(sorted(sft_keys))})")
     try:

@@ -14,10 +14,12 @@ reader looks at.
 Run as stage 5 of `python train.py`.
 """
 
+import copy
 import html
 import json
 import os
 import random
+import time
 
 import torch
 
@@ -69,6 +71,8 @@ def spearman(x, y):
 # -----------------------------------------------------------------------------
 # Win rate against the SFT model
 
+EVAL_BATCH = 256  # prompts sampled at once: small models are overhead-bound, so a big batch is faster
+
 def eval_set(path, world, chat, sft_path, cfg, device):
     """Evaluation prompts (their own seed) with K judged SFT reference samples each; cached at path."""
     if os.path.exists(path):
@@ -77,7 +81,7 @@ def eval_set(path, world, chat, sft_path, cfg, device):
     prompts = [world.eval_prompt(rng) for _ in range(cfg.n_eval)]
     sft = load_gpt(sft_path, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000)
-    refs = [chat.sample(sft, prompts, gen) for _ in range(cfg.k_ref)]
+    refs = [chat.sample(sft, prompts, gen, batch=EVAL_BATCH) for _ in range(cfg.k_ref)]
     out = {"prompts": prompts, "refs": refs, "ref_scores": [world.scores(prompts, rs) for rs in refs]}
     data.write_json(out, path)
     return out
@@ -88,7 +92,7 @@ def evaluate(model, ev, world, chat, seed, n=None):
     judge's error rates of the policy's samples (one per prompt, temperature 1), and the samples."""
     prompts = ev["prompts"][:n]
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    responses = chat.sample(model, prompts, gen)
+    responses = chat.sample(model, prompts, gen, batch=EVAL_BATCH)
     wins = []
     for i, s in enumerate(world.scores(prompts, responses)):
         refs = [rs[i] for rs in ev["ref_scores"]]
@@ -96,15 +100,18 @@ def evaluate(model, ev, world, chat, seed, n=None):
     return wins, world.rates(prompts, responses), responses
 
 
-def final_eval(path, ppo_path, sft_path, ev, world, chat, seed, device):
-    """Win values and error rates of a finished policy on the full evaluation set; cached at path."""
+def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
+    """Win values and error rates of a finished policy (its weights on a copy of the SFT
+    model sft) on the full evaluation set; cached at path."""
     if os.path.exists(path):
         return json.load(open(path))
     ck = torch.load(ppo_path, map_location=device, weights_only=True)
-    policy = ppo.ActorCritic(load_gpt(sft_path, device)).to(device)
+    policy = ppo.ActorCritic(copy.deepcopy(sft)).to(device)
     policy.load_state_dict(ck["policy"])
+    t0 = time.perf_counter()
     wins, rates, responses = evaluate(policy.gpt, ev, world, chat, seed)
-    out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8]}
+    out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8],
+           "t_curve0": ck["t_curve0"], "t_final_eval": time.perf_counter() - t0}
     data.write_json(out, path)
     return out
 
@@ -169,14 +176,12 @@ def token_metrics(trm, chat, val, scheme, gold, device, batch=32):
     return out
 
 
-def rm_metrics(rms, norms, sft_scores, samples, val, world, chat, scheme, seed, device):
+def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
     """Metrics of every RM: held-out pairwise accuracy of the scores PPO sees; with a gold
-    judge also fact-flip accuracy and Spearman against the judge on the SFT samples
-    (whose raw scores sft_scores[name] fitted norms[name])."""
+    judge also fact-flip accuracy and Spearman against the judge on the SFT samples."""
     vp = [r["prompt"] for r in val]
     flips = fact_flips(300, seed + 7) if world.gold else []
     gold_sft = world.scores(samples["prompts"], samples["responses"]) if world.gold else None
-    lens = [len(chat.response(r)) for r in samples["responses"]]
     metrics = {}
     for name, rm in rms.items():
         def score(prompts, texts):  # what PPO sees, one number per response
@@ -188,8 +193,7 @@ def rm_metrics(rms, norms, sft_scores, samples, val, world, chat, scheme, seed, 
             good = score([p for p, _, _ in flips], [g for _, g, _ in flips])
             bad = score([p for p, _, _ in flips], [b for _, _, b in flips])
             m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
-            c = norms[name]["center"] if name == "token" else 0.0
-            m["spearman_vs_judge"] = spearman([x - c * n for x, n in zip(sft_scores[name], lens)], gold_sft)
+            m["spearman_vs_judge"] = spearman(score(samples["prompts"], samples["responses"]), gold_sft)
     if "seq_edits" in rms:
         e = reward.response_scores(rms["seq_edits"], chat, vp, [r["edited"] for r in val], device)
         r = reward.response_scores(rms["seq_edits"], chat, vp, [r["rejected"] for r in val], device)
@@ -203,7 +207,8 @@ def rm_metrics(rms, norms, sft_scores, samples, val, world, chat, scheme, seed, 
 # The report
 
 def results(config, seeds, methods, evals, world, ev, rm_metrics_by_seed, timing):
-    """The results.json dict; evals[method] is the list of final_eval outputs, one per seed."""
+    """The results.json dict; evals[method] is the list of final_eval outputs, one per seed;
+    timing the wall-clock seconds of each stage in this invocation."""
     sft_rates = world.rates(ev["prompts"], ev["refs"][0])
     out = {"config": config, "seeds": seeds, "methods": {"sft": sft_rates}}
     for m in methods:
@@ -220,7 +225,23 @@ def results(config, seeds, methods, evals, world, ev, rm_metrics_by_seed, timing
         diff = [[a - b for a, b in zip(f["wins"], p["wins"])] for f, p in zip(evals["fg_ppo"], evals["ppo"])]
         out["fg_ppo_minus_ppo"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
     out["reward_models"] = rm_metrics_by_seed
-    out["timing_s"] = timing
+    out["timing_s"] = {"stages": timing, "ppo_parts": time_split(evals)}
+    return out
+
+
+PARTS = ["t_sample", "t_policy", "t_ref", "t_reward", "t_update", "t_curve"]  # the log's seconds per part
+
+
+def time_split(evals):
+    """Where each method's PPO runs spent their time, in seconds summed over iterations and
+    seeds: sampling, the policy / reference / reward forwards, the update, the learning-curve
+    points and the final evaluation."""
+    out = {}
+    for m, res in evals.items():
+        split = {p[2:]: sum(row[p] for r in res for row in r["log"]) for p in PARTS}
+        split["curve"] += sum(r["t_curve0"] for r in res)  # the first point, before iteration 1
+        split["final_eval"] = sum(r["t_final_eval"] for r in res)
+        out[m] = split
     return out
 
 

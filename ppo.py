@@ -38,6 +38,7 @@ Choices and simplifications, said plainly:
 
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -148,18 +149,38 @@ def entropy(logits, mask, temperature=1.0):
     return masked_mean(F.pad(ent, (1, 0)), mask)
 
 
+class Stopwatch:
+    """Seconds per named part of an iteration: lap(name) charges the time since the previous
+    lap to name (after the GPU has finished its queued work: CUDA runs asynchronously)."""
+
+    def __init__(self, device):
+        self.cuda, self.times, self.t = device.type == "cuda", {}, time.perf_counter()
+
+    def lap(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 @torch.no_grad()
 def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, generator=None):
     """Sample responses and compute everything the update needs, as a dict of (B, T) tensors.
     reward_fn(idx, real, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
     policy.eval(), ref.eval()  # no dropout in any model during RL
+    watch = Stopwatch(policy.v_head.weight.device)
     idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
                                             temperature=cfg.temperature, generator=generator)
+    watch.lap("t_sample")
     real = (idx != pad) | resp_mask  # (B, T) real tokens: prompt and response
     logp, values, _ = policy(idx, real, cfg.temperature)  # recomputed, not taken from sampling
+    watch.lap("t_policy")
     ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, cfg.temperature)
+    watch.lap("t_ref")
     kl = torch.where(resp_mask, logp - ref_logp, 0.0)
     score = reward_fn(idx, real, resp_mask)  # (B, T)
+    watch.lap("t_reward")
     resp_mask = resp_mask.float()
     truncated = ~((idx == eot) & resp_mask.bool()).any(1)  # (B,) no <|endoftext|> within the limit
     score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, resp_mask)
@@ -169,7 +190,8 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, values=values, rewards=rewards,
                 advantages=advantages, returns=returns,
                 stats={"reward": (score.sum(1)).mean().item(), "kl": kl.sum(1).mean().item(),
-                       "length": resp_mask.sum(1).mean().item(), "truncated": truncated.float().mean().item()})
+                       "length": resp_mask.sum(1).mean().item(), "truncated": truncated.float().mean().item(),
+                       **watch.times})
 
 
 def update(policy, optimizer, batch, cfg, generator=None):
@@ -211,7 +233,8 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     """cfg.ppo_iters PPO iterations of policy against the frozen reference ref, resumed from
     the checkpoint at path if there is one. next_prompts(rng) -> the prompt ids of one
     rollout; curve_point(it) -> a learning-curve point. Stops early after stop_after
-    iterations of this call (0: never). Returns the state {"iter", "log", "curve"}."""
+    iterations of this call (0: never). Returns the state {"iter", "log", "curve", "t_curve0"};
+    each log row holds the iteration's statistics and its seconds per part (t_*)."""
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)  # eps as CleanRL
     # Everything random in a run is drawn from these three, saved in each checkpoint.
     torch.manual_seed(seed)
@@ -220,23 +243,31 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     rng = random.Random(seed)                      # prompts
     state = load_state(path, policy, opt, gen, cpu_gen, rng)
     if state is None:
+        watch = Stopwatch(gen.device)
         state = {"iter": 0, "log": [], "curve": [curve_point(0)]}
+        watch.lap("t_curve")
+        state["t_curve0"] = watch.times["t_curve"]  # the learning curve's first point, before iteration 1
     else:
         print(f"{name}: resuming at iteration {state['iter']}")
     start = state["iter"]
     for it in tqdm(range(start, cfg.ppo_iters), desc=name, dynamic_ncols=True):
         # the method: sample and score a batch, then a few epochs of clipped updates on it
         batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens, gen)
+        watch = Stopwatch(gen.device)
         stats = update(policy, opt, batch, cfg, cpu_gen)
-        # the plumbing: log, learning curve, checkpoint
-        row = {"iter": it + 1, **batch["stats"], **stats}
-        state["log"].append(row)
-        state["iter"] = it + 1
-        tqdm.write(f"{name} iter {it + 1} | reward {row['reward']:.3f} | kl {row['kl']:.3f} | "
-                   f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f}")
+        watch.lap("t_update")
+        # the plumbing: learning curve, log, checkpoint
         last = it + 1 == cfg.ppo_iters
         if (it + 1) % eval_every == 0 or last:
             state["curve"].append(curve_point(it + 1))
+        watch.lap("t_curve")
+        row = {"iter": it + 1, **batch["stats"], **stats, **watch.times}
+        state["log"].append(row)
+        state["iter"] = it + 1
+        tqdm.write(f"{name} iter {it + 1} | reward {row['reward']:.3f} | kl {row['kl']:.3f} | "
+                   f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f} | "
+                   f"s: sample {row['t_sample']:.2f} policy {row['t_policy']:.2f} ref {row['t_ref']:.2f} "
+                   f"reward {row['t_reward']:.2f} update {row['t_update']:.2f} curve {row['t_curve']:.2f}")
         if (it + 1) % ckpt_every == 0 or last:
             save_state(path, policy, opt, gen, cpu_gen, rng, state)
         if stop_after and it + 1 == start + stop_after:
@@ -260,4 +291,4 @@ def load_state(path, policy, opt, gen, cpu_gen, rng):
     gen.set_state(ck["gen"].to(gen.device) if gen.device.type != "cpu" else ck["gen"])
     cpu_gen.set_state(ck["cpu_gen"])
     rng.setstate(ck["rng"])
-    return {"iter": ck["iter"], "log": ck["log"], "curve": ck["curve"]}
+    return {k: ck[k] for k in ("iter", "log", "curve", "t_curve0")}

@@ -94,11 +94,13 @@ class SeqRM(nn.Module):
         return self.head(last).squeeze(-1).float()  # (B,)
 
 
-def token_loss(logits, classes, bad_weight=1.0):
-    """Cross-entropy per token; classes (B, T) are class indices, -1 where ignored."""
+def token_loss(logits, classes, bad_weight=1.0, reduction="mean"):
+    """Cross-entropy per token, (weighted) mean or sum over the labelled tokens; classes
+    (B, T) are class indices, -1 where ignored."""
     w = torch.ones(logits.size(-1), device=logits.device)
     w[0] = bad_weight
-    return F.cross_entropy(logits.float().flatten(0, 1), classes.flatten(), weight=w, ignore_index=-1)
+    return F.cross_entropy(logits.float().flatten(0, 1), classes.flatten(), weight=w, ignore_index=-1,
+                           reduction=reduction)
 
 
 def bt_loss(r_chosen, r_rejected):
@@ -158,10 +160,11 @@ def token_batch(chat, examples, device):
 # -----------------------------------------------------------------------------
 # Training: every RM gets rm_steps AdamW steps, whatever the number of pairs.
 
-def train_rm(model, loss_of, n, rmc, desc, seed, device):
-    """rm_steps AdamW steps of loss_of(list of pair indices) on random batches of rm_batch of
-    n pairs; a non-finite loss raises FloatingPointError before anything is saved."""
-    g = random.Random(seed)
+def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
+    """rm_steps AdamW steps of loss_of(list of pair indices) on random batches of rm_batch
+    pairs of similar lengths (lengths[i]: the longer sequence of pair i, tokens); a
+    non-finite loss raises FloatingPointError before anything is saved."""
+    g, n = random.Random(seed), len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
     pbar = tqdm(range(rmc.rm_steps), desc=desc, dynamic_ncols=True)
@@ -169,7 +172,7 @@ def train_rm(model, loss_of, n, rmc, desc, seed, device):
         for group in opt.param_groups:  # short warmup, then constant
             group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
         with autocast(device):
-            loss = loss_of(g.sample(range(n), min(rmc.rm_batch, n)))
+            loss = loss_of(tok.grouped_sample(lengths, min(rmc.rm_batch, n), g))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
@@ -184,23 +187,27 @@ def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
     """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences of each pair."""
     ex = rm_examples(chat, pairs, rmc.rm_scheme)
     rm = TokenRM(load_gpt(sft_path, device), rmc.rm_scheme).to(device)
+    # As in SFT: the summed loss over the expected number of labelled tokens in a batch, so a
+    # token weighs the same in a batch of short or of long answers.
+    labelled = min(rmc.rm_batch, len(pairs)) * sum(c != -1 for pair in ex for _, y in pair for c in y) / len(ex)
 
     def loss(batch):
         idx, real, cls = token_batch(chat, [x for i in batch for x in ex[i]], device)
-        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight)
-    return train_rm(rm, loss, len(pairs), rmc, "rm token", seed, device)
+        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight, reduction="sum") / labelled
+    return train_rm(rm, loss, [max(len(x) for x, _ in pair) for pair in ex], rmc, "rm token", seed, device)
 
 
 def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
     """Sequence RM: Bradley-Terry on (pair[better], pair["rejected"])."""
     rm = SeqRM(load_gpt(sft_path, device)).to(device)
+    lengths = [max(len(chat.prompt(p["prompt"]) + chat.response(p[k])) for k in (better, "rejected")) for p in pairs]
 
     def loss(batch):
         prompts = [pairs[i]["prompt"] for i in batch]
         hi = rm(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
         lo = rm(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
         return bt_loss(hi, lo)
-    return train_rm(rm, loss, len(pairs), rmc, desc, seed, device)
+    return train_rm(rm, loss, lengths, rmc, desc, seed, device)
 
 
 def save_rm(rm, norm, path):

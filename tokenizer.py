@@ -180,6 +180,19 @@ def pad_left(seqs, pad):
     return idx, real
 
 
+def grouped_sample(lengths, batch, rng, batches_per_group=8):
+    """A random batch of indices whose lengths are close, so that a batch pads little. The
+    indices sorted by length are cut into equal groups of about batches_per_group batches;
+    a group is drawn with probability proportional to its size, then `batch` of its indices.
+    Every index is as likely to be in a batch as with rng.sample(range(n), batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    n_groups = max(1, len(order) // (batches_per_group * batch))
+    bounds = [len(order) * k // n_groups for k in range(n_groups + 1)]  # group sizes differ by at most one
+    k = rng.choices(range(n_groups), weights=[bounds[k + 1] - bounds[k] for k in range(n_groups)])[0]
+    group = order[bounds[k]:bounds[k + 1]]
+    return rng.sample(group, min(batch, len(group)))
+
+
 class Chat:
     """The chat format of one run: its encoding and special ids, and the length limits
     (block_size tokens in all, max_new_tokens of them for the response)."""

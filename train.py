@@ -23,10 +23,12 @@ judgements come from. Run:
 import dataclasses
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
+import threading
 import time
 
 import torch
@@ -112,21 +114,28 @@ def stage_sft(cfg, world, chat, device):
         model.train()
         return sum(losses) / len(losses)
 
-    g = random.Random(cfg.seed)
+    # Batches of similar lengths pad less (tok.grouped_sample); the summed loss is divided by
+    # the expected number of targets in a batch, not by this batch's, so that a token weighs
+    # the same whether it sits in a batch of short or of long answers.
+    g, lengths = random.Random(cfg.seed), [len(x) for x, _ in train]
+    batch = min(cfg.sft_batch, len(train))
+    targets_per_batch = batch * sum(sum(t != -1 for t in y) for _, y in train) / len(train)
+    real_tokens = padded = 0
     model.train()
     pbar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
-        idx, real, tgt = batch_of(g.sample(train, min(cfg.sft_batch, len(train))))
+        idx, real, tgt = batch_of([train[i] for i in tok.grouped_sample(lengths, batch, g)])
         with autocast(device):
-            _, loss = model(idx, tgt, mask=real)
+            _, loss = model(idx, tgt, mask=real)  # mean over this batch's targets
         if not torch.isfinite(loss):
             sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (tgt != -1).sum() / targets_per_batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        real_tokens, padded = real_tokens + real.sum().item(), padded + (~real).sum().item()
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
             tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
@@ -137,7 +146,7 @@ def stage_sft(cfg, world, chat, device):
     prompts = [world.sample_prompt(rng) for _ in range(cfg.n_judge)]
     samples = chat.sample(model, prompts, gen)
     data.write_json({"prompts": prompts, "responses": samples}, os.path.join(cfg.out, "sft", "samples.json"))
-    metrics = {"val_loss": val_loss(), "time_s": time.time() - t0}
+    metrics = {"val_loss": val_loss(), "time_s": time.time() - t0, "pad_fraction": padded / (padded + real_tokens)}
     if world.gold:
         metrics["samples"] = data.error_rates(prompts, samples)
         metrics["corpus"] = data.error_rates([p for p, _ in corpus[:2000]], [r for _, r in corpus[:2000]])
@@ -173,36 +182,50 @@ def stage_judge(cfg, world, chat, rmc, device):
     reward.save_rm(rm, {"center": 0.0, "scale": 1.0}, path)
 
 
-def stage_rm(cfg, world, chat, rmc, seed, device):
+def rm_split(cfg, seed):
+    """(train, val) preference pairs of a reward-model seed: a tenth held out for the diagnostics."""
+    records = data.read_jsonl(os.path.join(cfg.out, "prefs.jsonl"))
+    random.Random(seed).shuffle(records)
+    n_val = max(len(records) // 10, 1)
+    return records[n_val:], records[:n_val]
+
+
+def stage_rm(cfg, chat, rmc, seed, name, device):
+    """One reward model of one seed: token (diff labels of the edits), seq (chosen > rejected)
+    or seq_edits (edited > rejected), with its reward scale fitted on the SFT samples."""
+    path = os.path.join(cfg.out, "rm", f"seed{seed}", f"{name}.pt")
+    if skip(cfg, path):
+        return
+    train, _ = rm_split(cfg, seed)
+    sft_path = os.path.join(cfg.out, "sft", "model.pt")
+    torch.manual_seed(seed)  # the new head's initial weights
+    if name == "token":
+        rm = reward.train_token_rm(chat, sft_path, train, rmc, seed, device)
+    else:
+        better = {"seq": "chosen", "seq_edits": "edited"}[name]
+        rm = reward.train_seq_rm(chat, sft_path, train, better, rmc, seed, device, f"rm {name}")
+    samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
+    sums = reward.response_scores(rm, chat, samples["prompts"], samples["responses"], device)
+    lens = [len(chat.response(r)) for r in samples["responses"]]
+    reward.save_rm(rm, reward.fit_norm(sums, lens, dense=(name == "token"), center=rmc.rm_center), path)
+
+
+def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
+    """The held-out diagnostics of one seed's reward models (evaluation.rm_metrics)."""
     d = os.path.join(cfg.out, "rm", f"seed{seed}")
     if skip(cfg, os.path.join(d, "metrics.json")):
         return
-    records = data.read_jsonl(os.path.join(cfg.out, "prefs.jsonl"))
-    random.Random(seed).shuffle(records)
-    n_val = max(len(records) // 10, 1)  # held-out pairs
-    val, train = records[:n_val], records[n_val:]
-    sft_path = os.path.join(cfg.out, "sft", "model.pt")
-    torch.manual_seed(seed)  # the RMs' new heads are drawn from this stream, in this order
-    edits, rms = all("edited" in r for r in records), {}
-    if edits:
-        rms["token"] = reward.train_token_rm(chat, sft_path, train, rmc, seed, device)
-    rms["seq"] = reward.train_seq_rm(chat, sft_path, train, "chosen", rmc, seed, device, "rm seq")
-    if edits:
-        rms["seq_edits"] = reward.train_seq_rm(chat, sft_path, train, "edited", rmc, seed, device, "rm seq_edits")
-
-    # Reward scales fitted on the SFT samples, then the diagnostics of every RM.
+    _, val = rm_split(cfg, seed)
+    rms, norms = {}, {}
+    for name in names:
+        rms[name], norms[name] = reward.load_rm(os.path.join(d, f"{name}.pt"), device)
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-    lens = [len(chat.response(r)) for r in samples["responses"]]
-    sft_scores = {name: reward.response_scores(rm, chat, samples["prompts"], samples["responses"], device)
-                  for name, rm in rms.items()}
-    norms = {name: reward.fit_norm(s, lens, dense=(name == "token"), center=rmc.rm_center) for name, s in sft_scores.items()}
-    metrics = evaluation.rm_metrics(rms, norms, sft_scores, samples, val, world, chat, rmc.rm_scheme, seed, device)
-    for name, rm in rms.items():
-        reward.save_rm(rm, norms[name], os.path.join(d, f"{name}.pt"))
+    metrics = evaluation.rm_metrics(rms, norms, samples, val, world, chat, rmc.rm_scheme, seed, device)
     metrics["norm"] = norms
     data.write_json(metrics, os.path.join(d, "metrics.json"))
     for name in rms:
-        print(f"rm {name}: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, float)))
+        print(f"rm {name} seed {seed}: "
+              + " | ".join(f"{k} {v:.3f}" for k, v in metrics[name].items() if isinstance(v, float)))
     if "bad_recall_by_type" in metrics.get("token", {}):
         print("rm token bad recall by error type: " + " | ".join(
             f"{k} {v:.2f}" for k, v in metrics["token"]["bad_recall_by_type"].items()))
@@ -236,14 +259,17 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
         sys.exit(f"stopped after {cfg.stop_after} iterations (--stop_after); rerun to resume")
 
 
-def stage_report(cfg, world, chat, config, seeds, methods, timing, device):
+def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_used, device):
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
     ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
+    sft = load_gpt(sft_path, device)
     evals = {m: [evaluation.final_eval(os.path.join(cfg.out, "ppo", f"{m}_seed{s}.eval.json"),
-                                       os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft_path, ev, world, chat,
+                                       os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft, ev, world, chat,
                                        cfg.seed + 2000, device) for s in seeds] for m in methods}
-    rm_metrics = {f"seed{s}": json.load(open(os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))) for s in seeds}
+    rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
+                  if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
     out = evaluation.results(config, seeds, methods, evals, world, ev, rm_metrics, timing)
+    out["processes"] = processes_used
     data.write_json(out, os.path.join(cfg.out, "results.json"))
     md = evaluation.results_md(out, methods, world, cfg.n_eval, cfg.k_ref)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
@@ -262,7 +288,7 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, device):
 
 OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
            "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep"}  # may change between runs of the same folder
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
 
 
 def prepare_out(out, config, force):
@@ -284,6 +310,48 @@ def prepare_out(out, config, force):
     data.write_json(config, cpath)
 
 
+def processes(cfg, device):
+    """(jobs, threads of this process, threads of each worker). Small models are
+    overhead-bound, so the cores go to parallel runs rather than to threads of one run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    jobs = cfg.jobs or (cores if device == "cpu" else 1)
+    threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", 0))
+    return jobs, threads or cores, threads or max(1, cores // jobs)
+
+
+def start_worker(threads):
+    torch.set_num_threads(threads)
+    tqdm.set_lock(threading.RLock())  # not tqdm's default process lock, which a terminated worker would leak
+
+
+def call(task):
+    """Run one (stage, args) in a worker; its exit message, or None."""
+    stage, args = task
+    try:
+        stage(*args)
+    except SystemExit as e:
+        return str(e.code)
+    except FloatingPointError as e:
+        return f"error: {e}"
+
+
+def parallel(tasks, jobs, threads):
+    """Independent stages [(stage, args), ...] in `jobs` worker processes of `threads` torch
+    threads each, or one after the other in this process (jobs == 1). The first worker that
+    exits (a non-finite loss, --stop_after) stops them all with its message."""
+    if jobs == 1 or len(tasks) <= 1:
+        for stage, args in tasks:
+            stage(*args)
+        return
+    with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
+        for message in pool.imap_unordered(call, tasks):
+            if message is not None:
+                pool.terminate()
+                sys.exit(message)
+        pool.close()
+        pool.join()
+
+
 def run(cfgs, force, preset):
     """The pipeline once, for one config."""
     cfg, world_cfg, rmc, pc = (cfgs[c] for c in SECTIONS)
@@ -295,14 +363,17 @@ def run(cfgs, force, preset):
         sys.exit(f"error: {e}")
     if not world.gold and any(m.startswith("oracle") for m in methods):
         sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
-    if not world.gold and not world.has_edits:
+    if not world.has_edits:
         methods = [m for m in methods if m == "ppo"]
         print("note: not every record has an 'edited' field, so only the sequence-level method (ppo) runs")
     config = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
     prepare_out(cfg.out, config, force)
+    jobs, threads, job_threads = processes(cfg, device)
+    torch.set_num_threads(threads)  # for the stages that run alone; the workers set job_threads
     torch.manual_seed(cfg.seed)
-    print(f"preset {preset} | device {device} | out {cfg.out}")
+    print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)")
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    rm_names = [n for n in ("token", "seq", "seq_edits") if n in {reward.METHODS[m][0] for m in methods}]
     timing = {}
 
     def timed(name, f, *args):
@@ -318,12 +389,17 @@ def run(cfgs, force, preset):
     timed("prefs", stage_prefs, cfg, world, chat, device)
     if not world.gold:
         timed("judge", stage_judge, cfg, world, chat, rmc, device)
-    for s in seeds:
-        timed("rm", stage_rm, cfg, world, chat, rmc, s, device)
-    for s in seeds:
-        for m in methods:
-            timed(m, stage_ppo, cfg, world, chat, rmc, pc, m, s, device)
-    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing, device)
+    timed("rm", parallel, [(stage_rm, (cfg, chat, rmc, s, n, device)) for s in seeds for n in rm_names],
+          jobs, job_threads)
+    timed("rm", parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device)) for s in seeds
+                           if rm_names], jobs, job_threads)
+    sft_path = os.path.join(cfg.out, "sft", "model.pt")
+    timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg,
+          device)
+    timed("ppo", parallel, [(stage_ppo, (cfg, world, chat, rmc, pc, m, s, device)) for s in seeds for m in methods],
+          jobs, job_threads)
+    processes_used = {"jobs": jobs, "threads": threads, "threads_per_job": job_threads}
+    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing, processes_used, device)
 
 
 def sweep(cfgs, force, preset):

@@ -31,6 +31,7 @@ from model import load_gpt
 
 class ToyWorld:
     gold = True
+    has_edits = True
 
     def __init__(self, cfg: data.WorldConfig):
         self.cfg = cfg
@@ -96,6 +97,9 @@ class RecordsWorld:
         n = max(len(records) // 4, 1)  # a quarter of the pairs train only the judge RM
         self.judge_records, self.train_records = shuffled[:n], shuffled[n:]
         self.has_edits = all("edited" in r for r in records)
+
+    def __getstate__(self):  # to a worker process: without the loaded judge, which it loads itself
+        return {k: v for k, v in self.__dict__.items() if k != "judge"}
 
     def sample_prompt(self, rng):
         return rng.choice(self.train_records)["prompt"]
