@@ -5,13 +5,14 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
     python bench.py --pipeline=tiny      # also the whole pipeline of a preset: per stage, per PPO part
 
 - matmul_gflops_1_thread / _all_threads: this machine's fp32 matmul peak (2048 x 2048)
-- sft_step_*: one SFT step (forward + backward + AdamW) of the default model on toy-corpus
-  batches of 64, drawn at random or grouped by length (tok.grouped_sample): seconds, the
-  fraction of padded positions, and real-token GFLOP/s (6 * params * tokens + attention,
-  real tokens only) as a fraction of the matmul peak at the same thread count
+- sft_step_*: one SFT step (forward + backward + AdamW) of the default model on random
+  toy-corpus batches of 64, padded as one batch or cut into micro-batches by length
+  (tok.split_by_length, as train.py does): seconds, the fraction of padded positions, and
+  real-token GFLOP/s (6 * params * tokens + attention, real tokens only) as a fraction of
+  the matmul peak at the same thread count
 - gen_tokens_per_s_cache / _nocache: batched sampling, batch 32, 128 new tokens, and their
   ratio (the KV cache turns each step from O(T) tokens of work into O(1)), at the thread
-  count train.py gives a lone process
+  count train.py gives each worker process
 - peak_rss_mb: this process's peak resident memory; with --pipeline also the peak summed over
   the pipeline's processes (its workers included)
 """
@@ -57,13 +58,12 @@ for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
     out[f"matmul_gflops_{name}"] = 2 * 2048 ** 3 / timeit(lambda: a @ b, 5) / 1e9
 
-# SFT steps on toy-corpus batches, at random and grouped by length.
+# SFT steps on random toy-corpus batches, padded whole or cut into micro-batches by length.
 rng = random.Random(0)
 corpus = [(p, data.noisy_response(p, rng)) for p in (data.sample_prompt(rng) for _ in range(3000))]
 chat = tok.Chat(tok.build_encoding(tok.train_bpe([p + " " + r for p, r in corpus], cfg.vocab_size)),
                 cfg.block_size, cfg.max_new_tokens)
 examples = [sft_example(chat, p, r) for p, r in corpus]
-lengths = [len(x) for x, _ in examples]
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
@@ -71,40 +71,43 @@ opt = model.configure_optimizers(cfg.weight_decay, 1e-4)
 out["params_M"] = model.num_params() / 1e6
 
 
-def sft_batches(grouped, n=10, seed=0):
+def sft_batches(n=10, seed=0):
     g = random.Random(seed)
-    picks = [tok.grouped_sample(lengths, 64, g) if grouped else g.sample(range(len(examples)), 64) for _ in range(n)]
-    batches = []
-    for p in picks:
-        idx, real = tok.pad_left([examples[i][0] for i in p], chat.pad)
-        tgt, _ = tok.pad_left([examples[i][1] for i in p], -1)
-        batches.append((idx.to(device), real.to(device), tgt.to(device)))
-    return batches
+    return [[examples[i] for i in g.sample(range(len(examples)), 64)] for _ in range(n)]
 
 
-def step(batch):
-    idx, real, tgt = batch
-    _, loss = model(idx, tgt, mask=real)
+def step(batch, split):
+    """One SFT step on a batch: padded as a whole, or cut into micro-batches by length (as train.py does)."""
+    runs = tok.split_by_length([len(x) for x, _ in batch]) if split else [list(range(len(batch)))]
+    loss, positions = 0.0, 0
+    for run in runs:
+        idx, real = tok.pad_left([batch[i][0] for i in run], chat.pad)
+        tgt, _ = tok.pad_left([batch[i][1] for i in run], -1)
+        loss = loss + model(idx.to(device), tgt.to(device), mask=real.to(device), reduction="sum")[1]
+        positions += idx.numel()
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss / sum(t != -1 for _, y in batch for t in y)).backward()
     opt.step()
+    return positions
 
 
 for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
     torch.set_num_threads(n_threads)
-    for grouped in (False, True):
-        batches = sft_batches(grouped)
+    batches = sft_batches()
+    real = sum(len(x) for b in batches for x, _ in b) / len(batches)  # real tokens per batch
+    for split in (False, True):
+        positions = sum(step(b, split) for b in batches) / len(batches)
         it = iter(batches * 2)
-        dt = timeit(lambda: step(next(it)), len(batches) - 1)
-        real = sum(r.sum().item() for _, r, _ in batches) / len(batches)
-        T = sum(r.size(1) for _, r, _ in batches) / len(batches)
+        dt = timeit(lambda: step(next(it), split), len(batches) - 1)
+        T = positions / 64  # mean padded length, for the attention term
         flops = real * (6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T)  # attention: 6 * 2 * L * C * T
-        key = f"sft_step_{'grouped' if grouped else 'random'}_{name}"
-        out[key] = {"s": dt, "pad_fraction": 1 - real / (64 * T), "real_gflops": flops / dt / 1e9,
-                    "of_matmul_peak": flops / dt / 1e9 / out[f"matmul_gflops_{name}"]}
+        out[f"sft_step_{'split' if split else 'padded'}_{name}"] = {
+            "s": dt, "pad_fraction": 1 - real / positions, "real_gflops": flops / dt / 1e9,
+            "of_matmul_peak": flops / dt / 1e9 / out[f"matmul_gflops_{name}"]}
 
-# Generation with and without the KV cache (eot = -1 never matches: all 128 tokens are made)
-torch.set_num_threads(threads)
+# Generation with and without the KV cache (eot = -1 never matches: all 128 tokens are made),
+# at the threads of a worker, where PPO and evaluation sample
+torch.set_num_threads(job_threads)
 model.eval()
 prompts = [[1 + (i % 7)] * (4 + i % 9) for i in range(32)]  # different lengths: left padding
 for use_cache in (True, False):

@@ -175,13 +175,14 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, mask=None, cache=None):
-        """Logits (B, T, V) at every position, and the mean cross-entropy against targets
-        (B, T) where targets != -1 (None without targets)."""
+    def forward(self, idx, targets=None, mask=None, cache=None, reduction="mean"):
+        """Logits (B, T, V) at every position, and the cross-entropy against targets (B, T)
+        where targets != -1, their mean or sum (None without targets)."""
         logits = self.lm_head(self.hidden(idx, mask, cache))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95)):

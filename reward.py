@@ -161,9 +161,11 @@ def token_batch(chat, examples, device):
 # Training: every RM gets rm_steps AdamW steps, whatever the number of pairs.
 
 def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
-    """rm_steps AdamW steps of loss_of(list of pair indices) on random batches of rm_batch
-    pairs of similar lengths (lengths[i]: the longer sequence of pair i, tokens); a
-    non-finite loss raises FloatingPointError before anything is saved."""
+    """rm_steps AdamW steps on random batches of rm_batch pairs. loss_of(pair indices) ->
+    (summed loss, count) of a micro-batch: the batch is cut into micro-batches of similar
+    lengths (lengths[i]: tokens of pair i's longer sequence; tok.split_by_length), and the
+    step's loss is their summed losses over their summed counts, as for the whole batch at
+    once. A non-finite loss raises FloatingPointError before anything is saved."""
     g, n = random.Random(seed), len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
@@ -171,8 +173,11 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     for it in pbar:
         for group in opt.param_groups:  # short warmup, then constant
             group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
+        batch = g.sample(range(n), min(rmc.rm_batch, n))
         with autocast(device):
-            loss = loss_of(tok.grouped_sample(lengths, min(rmc.rm_batch, n), g))
+            sums, counts = zip(*(loss_of([batch[i] for i in run])
+                                 for run in tok.split_by_length([lengths[i] for i in batch])))
+            loss = sum(sums) / sum(counts)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
@@ -187,13 +192,11 @@ def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
     """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences of each pair."""
     ex = rm_examples(chat, pairs, rmc.rm_scheme)
     rm = TokenRM(load_gpt(sft_path, device), rmc.rm_scheme).to(device)
-    # As in SFT: the summed loss over the expected number of labelled tokens in a batch, so a
-    # token weighs the same in a batch of short or of long answers.
-    labelled = min(rmc.rm_batch, len(pairs)) * sum(c != -1 for pair in ex for _, y in pair for c in y) / len(ex)
+    w = torch.tensor([rmc.rm_bad_weight] + [1.0] * (len(set(SCHEMES[rmc.rm_scheme].values())) - 1), device=device)
 
-    def loss(batch):
+    def loss(batch):  # summed (class-weighted) cross-entropy and the summed weights it is a mean over
         idx, real, cls = token_batch(chat, [x for i in batch for x in ex[i]], device)
-        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight, reduction="sum") / labelled
+        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight, reduction="sum"), w[cls[cls != -1]].sum()
     return train_rm(rm, loss, [max(len(x) for x, _ in pair) for pair in ex], rmc, "rm token", seed, device)
 
 
@@ -206,7 +209,7 @@ def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
         prompts = [pairs[i]["prompt"] for i in batch]
         hi = rm(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
         lo = rm(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
-        return bt_loss(hi, lo)
+        return bt_loss(hi, lo) * len(batch), len(batch)  # summed over the pairs
     return train_rm(rm, loss, lengths, rmc, desc, seed, device)
 
 

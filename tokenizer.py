@@ -180,17 +180,27 @@ def pad_left(seqs, pad):
     return idx, real
 
 
-def grouped_sample(lengths, batch, rng, batches_per_group=8):
-    """A random batch of indices whose lengths are close, so that a batch pads little. The
-    indices sorted by length are cut into equal groups of about batches_per_group batches;
-    a group is drawn with probability proportional to its size, then `batch` of its indices.
-    Every index is as likely to be in a batch as with rng.sample(range(n), batch)."""
+def split_by_length(lengths, max_parts=4):
+    """A batch's indices sorted by length and cut into at most max_parts runs, the cuts
+    placed to minimise the padded area sum(len(run) * longest in run) (a small dynamic
+    program). Run as micro-batches whose summed losses make one step, a batch then costs
+    about its real tokens, not len(batch) times its longest sequence."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    n_groups = max(1, len(order) // (batches_per_group * batch))
-    bounds = [len(order) * k // n_groups for k in range(n_groups + 1)]  # group sizes differ by at most one
-    k = rng.choices(range(n_groups), weights=[bounds[k + 1] - bounds[k] for k in range(n_groups)])[0]
-    group = order[bounds[k]:bounds[k + 1]]
-    return rng.sample(group, min(batch, len(group)))
+    L = [lengths[i] for i in order]
+    n = len(L)
+    best = {(0, 0): (0, None)}  # (parts used, items covered) -> (area, previous cut)
+    parts = range(1, min(max_parts, n) + 1)
+    for k in parts:
+        for j in range(k, n + 1):  # k non-empty runs cover the j shortest items, the last run is i..j-1
+            best[k, j] = min((best[k - 1, i][0] + (j - i) * L[j - 1], i)
+                             for i in range(k - 1, j) if (k - 1, i) in best)
+    k = min(parts, key=lambda k: (best[k, n][0], k))  # the fewest runs among the best
+    runs, j = [], n
+    while k:
+        i = best[k, j][1]
+        runs.append(order[i:j])
+        k, j = k - 1, i
+    return runs[::-1]
 
 
 class Chat:

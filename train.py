@@ -114,28 +114,30 @@ def stage_sft(cfg, world, chat, device):
         model.train()
         return sum(losses) / len(losses)
 
-    # Batches of similar lengths pad less (tok.grouped_sample); the summed loss is divided by
-    # the expected number of targets in a batch, not by this batch's, so that a token weighs
-    # the same whether it sits in a batch of short or of long answers.
-    g, lengths = random.Random(cfg.seed), [len(x) for x, _ in train]
-    batch = min(cfg.sft_batch, len(train))
-    targets_per_batch = batch * sum(sum(t != -1 for t in y) for _, y in train) / len(train)
+    # A random batch is cut into micro-batches of similar lengths, so that a short answer is
+    # not padded to the longest one; their summed losses over the batch's number of targets
+    # give the same gradient as the whole batch at once (tok.split_by_length).
+    g = random.Random(cfg.seed)
     real_tokens = padded = 0
     model.train()
     pbar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
-        idx, real, tgt = batch_of([train[i] for i in tok.grouped_sample(lengths, batch, g)])
+        batch = g.sample(train, min(cfg.sft_batch, len(train)))
+        loss_sum = 0.0
         with autocast(device):
-            _, loss = model(idx, tgt, mask=real)  # mean over this batch's targets
+            for run in tok.split_by_length([len(x) for x, _ in batch]):
+                idx, real, tgt = batch_of([batch[i] for i in run])
+                loss_sum = loss_sum + model(idx, tgt, mask=real, reduction="sum")[1]
+                real_tokens, padded = real_tokens + real.sum().item(), padded + (~real).sum().item()
+            loss = loss_sum / sum(t != -1 for _, y in batch for t in y)  # mean over the batch's targets
         if not torch.isfinite(loss):
             sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
-        (loss * (tgt != -1).sum() / targets_per_batch).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        real_tokens, padded = real_tokens + real.sum().item(), padded + (~real).sum().item()
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
             tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")

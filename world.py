@@ -13,7 +13,8 @@ changes it, so no stage asks which world it is in.
   the report says so.
 
 `gold` says whether a gold judge and annotator exist: the oracle methods and the gold
-diagnostics (fact flips, errors by type, gold token labels) need them.
+diagnostics (fact flips, errors by type, gold token labels) need them. `has_edits` says
+whether every pair has an edit: the token RM and the sequence RM on edits need one.
 """
 
 import functools
@@ -90,7 +91,7 @@ class RecordsWorld:
     gold = False
 
     def __init__(self, records, cfg, device):
-        """records read from cfg.data; cfg (train.Config) says where the run's tokenizer and
+        """records read from cfg.data; cfg (config.Config) says where the run's tokenizer and
         judge RM are and the length limits its chat format uses."""
         self.records, self.cfg, self.device = records, cfg, device
         shuffled = random.Random(cfg.seed).sample(records, len(records))

@@ -179,3 +179,63 @@ def test_oracle_ppo_reward_sits_on_the_eot_standardised(chat):
     assert (r[:, :eot_col] == 0).all()
     scores = torch.tensor([data.score(p, x) for p, x in zip(samples["prompts"], samples["responses"])])
     torch.testing.assert_close(r[:, eot_col], (scores - scores.mean()) / scores.std(), atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches cut by length give the whole batch's gradient
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_sft_micro_batches_give_the_padded_batch_gradient(chat):
+    """The SFT step of train.py: summed losses of length-cut micro-batches over the batch's
+    target count have the gradient of the mean loss of the whole batch padded at once."""
+    rng = random.Random(0)
+    prompts = [data.sample_prompt(rng) for _ in range(12)]
+    batch = [train.sft_example(chat, p, data.noisy_response(p, rng)) for p in prompts]
+    model = tiny(vocab_size=chat.enc.n_vocab, block_size=160)
+    idx, real = tok.pad_left([x for x, _ in batch], chat.pad)
+    tgt, _ = tok.pad_left([y for _, y in batch], -1)
+    model.zero_grad()
+    whole = model(idx, tgt, mask=real)[1]
+    whole.backward()
+    expected = _grads(model)
+    runs = tok.split_by_length([len(x) for x, _ in batch])
+    assert len(runs) > 1  # long and short answers: the cut happens
+    model.zero_grad()
+    total = 0.0
+    for run in runs:
+        i, r = tok.pad_left([batch[k][0] for k in run], chat.pad)
+        t, _ = tok.pad_left([batch[k][1] for k in run], -1)
+        total = total + model(i, t, mask=r, reduction="sum")[1]
+    loss = total / sum(v != -1 for _, y in batch for v in y)
+    loss.backward()
+    torch.testing.assert_close(loss, whole, atol=1e-6, rtol=1e-6)
+    for a, b in zip(_grads(model), expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad_weight", [1.0, 3.0])
+def test_token_rm_micro_batches_give_the_whole_batch_loss(chat, bad_weight):
+    """train_token_rm's loss_of: summed weighted cross-entropy over micro-batches, divided by
+    the summed class weights, equals token_loss's weighted mean over the whole batch."""
+    rng = random.Random(1)
+    recs = []
+    for _ in range(6):
+        p = data.sample_prompt(rng)
+        r = data.noisy_response(p, rng)
+        recs.append({"prompt": p, "chosen": r, "rejected": r, "edited": data.annotate(p, r)})
+    ex = reward.rm_examples(chat, recs, "bad_vs_rest")
+    torch.manual_seed(0)
+    rm = reward.TokenRM(tiny(vocab_size=chat.enc.n_vocab, block_size=160), "bad_vs_rest")
+    idx, real, cls = reward.token_batch(chat, [x for pair in ex for x in pair], "cpu")
+    whole = reward.token_loss(rm(idx, real), cls, bad_weight)
+    w = torch.tensor([bad_weight, 1.0])
+    sums, counts = [], []
+    for run in tok.split_by_length([max(len(x) for x, _ in pair) for pair in ex]):
+        i, r, c = reward.token_batch(chat, [x for k in run for x in ex[k]], "cpu")
+        sums.append(reward.token_loss(rm(i, r), c, bad_weight, reduction="sum"))
+        counts.append(w[c[c != -1]].sum())
+    torch.testing.assert_close(sum(sums) / sum(counts), whole, atol=1e-6, rtol=1e-6)

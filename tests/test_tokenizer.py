@@ -210,3 +210,30 @@ def test_gpt2_specials_layout(monkeypatch, ranks):
     enc = T.gpt2_encoding()
     assert T.special_ids(enc) == {s: eot + i for i, s in enumerate(T.SPECIALS)}
     assert enc.encode_ordinary("The cow is brown.") == fake.encode_ordinary("The cow is brown.")
+
+
+# -----------------------------------------------------------------------------
+# Micro-batches by length
+
+
+def _area(lengths, runs):
+    return sum(len(r) * max(lengths[i] for i in r) for r in runs)
+
+
+def test_split_by_length_is_a_partition_of_minimal_area():
+    """Every index once, runs of ascending lengths, and the padded area equals the minimum
+    over all ways to cut the sorted lengths into at most 4 runs (brute force)."""
+    import itertools
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 9))]
+        runs = T.split_by_length(lengths)
+        assert sorted(i for r in runs for i in r) == list(range(len(lengths)))
+        assert 1 <= len(runs) <= 4 and all(r for r in runs)
+        flat = [lengths[i] for r in runs for i in r]
+        assert flat == sorted(lengths)
+        L = sorted(lengths)
+        best = min(sum((b - a) * L[b - 1] for a, b in zip((0,) + cuts, cuts + (len(L),)))
+                   for k in range(4) for cuts in itertools.combinations(range(1, len(L)), k))
+        assert _area(lengths, runs) == best
+    assert T.split_by_length([7, 7, 7]) == [[0, 1, 2]]  # no cut that saves nothing
