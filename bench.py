@@ -154,6 +154,9 @@ for a in sys.argv[1:]:
             assert proc.returncode == 0, f"train.py --preset={preset} failed"
             res = json.load(open(os.path.join(d, "results.json")))
             out[f"pipeline_{preset}"] = {"wall_s": time.time() - t0, "peak_rss_mb_all_processes": peak,
-                                         **res["processes"], **res["timing_s"]}
+                                         **res["processes"], **res["timing_s"],
+                                         "sft": json.load(open(os.path.join(d, "sft", "metrics.json"))),
+                                         "reward_models": res["reward_models"],
+                                         "win_rates": {m: r.get("win_rate") for m, r in res["methods"].items()}}
 
 print(json.dumps(out, indent=2))
