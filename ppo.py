@@ -288,7 +288,7 @@ def load_state(path, policy, opt, gen, cpu_gen, rng):
     ck = torch.load(path, weights_only=True)
     policy.load_state_dict(ck["policy"])
     opt.load_state_dict(ck["optimizer"])
-    gen.set_state(ck["gen"].to(gen.device) if gen.device.type != "cpu" else ck["gen"])
+    gen.set_state(ck["gen"].cpu())  # a generator's state is a CPU byte tensor, whatever its device
     cpu_gen.set_state(ck["cpu_gen"])
     rng.setstate(ck["rng"])
     return {k: ck[k] for k in ("iter", "log", "curve", "t_curve0")}

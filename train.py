@@ -127,10 +127,11 @@ def stage_sft(cfg, world, chat, device):
         batch = g.sample(train, min(cfg.sft_batch, len(train)))
         loss_sum = 0.0
         with autocast(device):
-            for run in tok.split_by_length([len(x) for x, _ in batch]):
+            for run in tok.split_by_length(lengths := [len(x) for x, _ in batch]):
                 idx, real, tgt = batch_of([batch[i] for i in run])
                 loss_sum = loss_sum + model(idx, tgt, mask=real, reduction="sum")[1]
-                real_tokens, padded = real_tokens + real.sum().item(), padded + (~real).sum().item()
+                real_tokens += sum(lengths[i] for i in run)  # counted on the host: no GPU sync
+                padded += len(run) * max(lengths[i] for i in run) - sum(lengths[i] for i in run)
             loss = loss_sum / sum(t != -1 for _, y in batch for t in y)  # mean over the batch's targets
         if not torch.isfinite(loss):
             sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
