@@ -32,7 +32,8 @@ import data
 import tokenizer as tok
 from config import Config
 from model import GPT, GPTConfig
-from train import processes, sft_example
+from train import sft_example
+from workers import processes
 
 cfg = Config()
 device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -245,8 +245,8 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     if state is None:
         watch = Stopwatch(gen.device)
         state = {"iter": 0, "log": [], "curve": [curve_point(0)]}
-        watch.lap("t_curve")
-        state["t_curve0"] = watch.times["t_curve"]  # the learning curve's first point, before iteration 1
+        watch.lap("t_curve0")  # the learning curve's first point, before iteration 1
+        state.update(watch.times)
     else:
         print(f"{name}: resuming at iteration {state['iter']}")
     start = state["iter"]

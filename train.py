@@ -23,12 +23,10 @@ judgements come from. Run:
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
-import threading
 import time
 
 import torch
@@ -41,6 +39,7 @@ import reward
 import tokenizer as tok
 from config import SECTIONS, Config, parse_args, sweep_values
 from model import GPT, GPTConfig, autocast, load_gpt, pick_device, save_atomic
+from workers import parallel, processes
 from world import make_world
 
 # -----------------------------------------------------------------------------
@@ -313,48 +312,6 @@ def prepare_out(out, config, force):
     data.write_json(config, cpath)
 
 
-def processes(cfg, device):
-    """(jobs, threads of this process, threads of each worker). Small models are
-    overhead-bound, so the cores go to parallel runs rather than to threads of one run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = cfg.jobs or (cores if device == "cpu" else 1)
-    threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", 0))
-    return jobs, threads or cores, threads or max(1, cores // jobs)
-
-
-def start_worker(threads):
-    torch.set_num_threads(threads)
-    tqdm.set_lock(threading.RLock())  # not tqdm's default process lock, which a terminated worker would leak
-
-
-def call(task):
-    """Run one (stage, args) in a worker; its exit message, or None."""
-    stage, args = task
-    try:
-        stage(*args)
-    except SystemExit as e:
-        return str(e.code)
-    except FloatingPointError as e:
-        return f"error: {e}"
-
-
-def parallel(tasks, jobs, threads):
-    """Independent stages [(stage, args), ...] in `jobs` worker processes of `threads` torch
-    threads each, or one after the other in this process (jobs == 1). The first worker that
-    exits (a non-finite loss, --stop_after) stops them all with its message."""
-    if jobs == 1 or len(tasks) <= 1:
-        for stage, args in tasks:
-            stage(*args)
-        return
-    with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
-        for message in pool.imap_unordered(call, tasks):
-            if message is not None:
-                pool.terminate()
-                sys.exit(message)
-        pool.close()
-        pool.join()
-
-
 def run(cfgs, force, preset):
     """The pipeline once, for one config."""
     cfg, world_cfg, rmc, pc = (cfgs[c] for c in SECTIONS)
@@ -396,13 +353,12 @@ def run(cfgs, force, preset):
           jobs, job_threads)
     timed("rm", parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device)) for s in seeds
                            if rm_names], jobs, job_threads)
-    sft_path = os.path.join(cfg.out, "sft", "model.pt")
-    timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg,
-          device)
+    timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
+          os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the PPO runs, which all read it
     timed("ppo", parallel, [(stage_ppo, (cfg, world, chat, rmc, pc, m, s, device)) for s in seeds for m in methods],
           jobs, job_threads)
-    processes_used = {"jobs": jobs, "threads": threads, "threads_per_job": job_threads}
-    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing, processes_used, device)
+    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing,
+          {"jobs": jobs, "threads": threads, "threads_per_job": job_threads}, device)
 
 
 def sweep(cfgs, force, preset):
