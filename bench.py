@@ -32,7 +32,7 @@ import data
 import tokenizer as tok
 from config import Config
 from model import GPT, GPTConfig
-from train import sft_example
+from train import sft_example, sft_loss
 from workers import processes
 
 cfg = Config()
@@ -78,18 +78,12 @@ def sft_batches(n=10, seed=0):
 
 
 def step(batch, split):
-    """One SFT step on a batch: padded as a whole, or cut into micro-batches by length (as train.py does)."""
-    runs = tok.split_by_length([len(x) for x, _ in batch]) if split else [list(range(len(batch)))]
-    loss, positions = 0.0, 0
-    for run in runs:
-        idx, real = tok.pad_left([batch[i][0] for i in run], chat.pad)
-        tgt, _ = tok.pad_left([batch[i][1] for i in run], -1)
-        loss = loss + model(idx.to(device), tgt.to(device), mask=real.to(device), reduction="sum")[1]
-        positions += idx.numel()
+    """One SFT step as train.py takes it (split into micro-batches by length), or padded whole."""
+    loss, real, padded = sft_loss(model, batch, chat.pad, device, max_parts=4 if split else 1)
     opt.zero_grad(set_to_none=True)
-    (loss / sum(t != -1 for _, y in batch for t in y)).backward()
+    loss.backward()
     opt.step()
-    return positions
+    return real + padded
 
 
 for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):

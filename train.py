@@ -80,6 +80,22 @@ def sft_example(chat, prompt, response):
     return (p + r)[:chat.block_size], ([-1] * (len(p) - 1) + r + [-1])[:chat.block_size]
 
 
+def sft_loss(model, batch, pad, device, max_parts=4):
+    """Mean cross-entropy over the targets of a batch of sft_example()s, and its (real,
+    padded) positions. It runs as up to max_parts micro-batches cut by length, so a short
+    answer is not padded to the longest one (tok.split_by_length): the same value and
+    gradient as the whole batch padded at once."""
+    lengths = [len(x) for x, _ in batch]
+    loss_sum, real_tokens, padded = 0.0, 0, 0
+    for run in tok.split_by_length(lengths, max_parts):
+        idx, real = tok.pad_left([batch[i][0] for i in run], pad)
+        tgt, _ = tok.pad_left([batch[i][1] for i in run], -1)
+        loss_sum = loss_sum + model(idx.to(device), tgt.to(device), mask=real.to(device), reduction="sum")[1]
+        n_real = sum(lengths[i] for i in run)  # counted on the host: no GPU sync
+        real_tokens, padded = real_tokens + n_real, padded + len(run) * max(lengths[i] for i in run) - n_real
+    return loss_sum / sum(t != -1 for _, y in batch for t in y), real_tokens, padded
+
+
 def stage_sft(cfg, world, chat, device):
     path = os.path.join(cfg.out, "sft", "model.pt")
     if skip(cfg, path):
@@ -98,24 +114,13 @@ def stage_sft(cfg, world, chat, device):
     opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
     print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {chat.enc.n_vocab}")
 
-    def batch_of(exs):
-        idx, real = tok.pad_left([x for x, _ in exs], chat.pad)
-        tgt, _ = tok.pad_left([y for _, y in exs], -1)  # tgt[:, t] = idx[:, t+1] on response tokens
-        return idx.to(device), real.to(device), tgt.to(device)
-
     @torch.no_grad()
-    def val_loss():
+    def val_loss():  # mean over chunks of 256 examples
         model.eval()
-        losses = []
-        for i in range(0, len(val), 256):
-            idx, real, tgt = batch_of(val[i:i + 256])
-            losses.append(model(idx, tgt, mask=real)[1].item())
+        losses = [sft_loss(model, val[i:i + 256], chat.pad, device)[0].item() for i in range(0, len(val), 256)]
         model.train()
         return sum(losses) / len(losses)
 
-    # A random batch is cut into micro-batches of similar lengths, so that a short answer is
-    # not padded to the longest one; their summed losses over the batch's number of targets
-    # give the same gradient as the whole batch at once (tok.split_by_length).
     g = random.Random(cfg.seed)
     real_tokens = padded = 0
     model.train()
@@ -123,15 +128,9 @@ def stage_sft(cfg, world, chat, device):
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
-        batch = g.sample(train, min(cfg.sft_batch, len(train)))
-        loss_sum = 0.0
         with autocast(device):
-            for run in tok.split_by_length(lengths := [len(x) for x, _ in batch]):
-                idx, real, tgt = batch_of([batch[i] for i in run])
-                loss_sum = loss_sum + model(idx, tgt, mask=real, reduction="sum")[1]
-                real_tokens += sum(lengths[i] for i in run)  # counted on the host: no GPU sync
-                padded += len(run) * max(lengths[i] for i in run) - sum(lengths[i] for i in run)
-            loss = loss_sum / sum(t != -1 for _, y in batch for t in y)  # mean over the batch's targets
+            loss, n_real, n_pad = sft_loss(model, g.sample(train, min(cfg.sft_batch, len(train))), chat.pad, device)
+        real_tokens, padded = real_tokens + n_real, padded + n_pad
         if not torch.isfinite(loss):
             sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)

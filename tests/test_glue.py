@@ -190,8 +190,9 @@ def _grads(model):
 
 
 def test_sft_micro_batches_give_the_padded_batch_gradient(chat):
-    """The SFT step of train.py: summed losses of length-cut micro-batches over the batch's
-    target count have the gradient of the mean loss of the whole batch padded at once."""
+    """train.sft_loss: summed losses of length-cut micro-batches over the batch's target
+    count have the value and gradient of the mean loss of the whole batch padded at once,
+    with fewer padded positions."""
     rng = random.Random(0)
     prompts = [data.sample_prompt(rng) for _ in range(12)]
     batch = [train.sft_example(chat, p, data.noisy_response(p, rng)) for p in prompts]
@@ -202,16 +203,11 @@ def test_sft_micro_batches_give_the_padded_batch_gradient(chat):
     whole = model(idx, tgt, mask=real)[1]
     whole.backward()
     expected = _grads(model)
-    runs = tok.split_by_length([len(x) for x, _ in batch])
-    assert len(runs) > 1  # long and short answers: the cut happens
+    assert len(tok.split_by_length([len(x) for x, _ in batch])) > 1  # long and short answers: the cut happens
     model.zero_grad()
-    total = 0.0
-    for run in runs:
-        i, r = tok.pad_left([batch[k][0] for k in run], chat.pad)
-        t, _ = tok.pad_left([batch[k][1] for k in run], -1)
-        total = total + model(i, t, mask=r, reduction="sum")[1]
-    loss = total / sum(v != -1 for _, y in batch for v in y)
+    loss, real_tokens, padded = train.sft_loss(model, batch, chat.pad, "cpu")
     loss.backward()
+    assert real_tokens == sum(len(x) for x, _ in batch) and padded < (~real).sum().item()
     torch.testing.assert_close(loss, whole, atol=1e-6, rtol=1e-6)
     for a, b in zip(_grads(model), expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
