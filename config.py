@@ -12,7 +12,11 @@ are generated from the fields, their types and their comments.
 import argparse
 import dataclasses
 import inspect
+import itertools
+import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -62,7 +66,8 @@ class Config:
     # processes and threads (results are bit-for-bit the same for the same threads per process)
     jobs: int = 0                # worker processes for the independent RM and PPO runs (0: a CPU core each; 1 on a GPU)
     threads: int = 0             # torch threads per process (0: OMP_NUM_THREADS if set, else the cores shared by the jobs)
-    sweep: str = ""              # key:v1,v2,... runs the pipeline once per value (train.sweep)
+    sweep: str = ""              # "key:v1,v2 key2:v1,v2 ..." runs the pipeline once per point of the
+                                 # grid (train.sweep): the tuning grid, a beta frontier, an ablation
 
 
 SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
@@ -74,6 +79,11 @@ PRESETS = {
     "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
                 sft_lr=1e-3, warmup=200),
 }
+# Each method's PPO settings, chosen by the tuning protocol of the README ("A fair comparison"):
+# the same grid for every method, on a tuning seed that is never reported, best win rate wins.
+# They sit between the preset and the flags: a flag given on the command line applies to
+# every method. results.json records what each method ran with (config["ppo_by_method"]).
+TUNED = {}
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
 MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
 
@@ -90,12 +100,12 @@ def field_comments(cls):
 
 
 def flag_type(name, typ):
-    """How a flag's text becomes a field's value: its type (bools as true/false/1/0), ints at
+    """How a flag's text becomes a field's value: its type, ints at
     least MINIMUM (1 unless listed), a value of CHOICES, methods checked against reward.METHODS."""
     def parse(s):
         try:
-            v = {"true": True, "false": False, "1": True, "0": False}[s.lower()] if typ is bool else typ(s)
-        except (KeyError, ValueError):
+            v = typ(s)
+        except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not a valid {typ.__name__}") from None
         lo = MINIMUM.get(name, 1) if typ is int else None
         if lo is not None and v < lo:
@@ -133,26 +143,75 @@ def parse_args(argv):
                                help=f"{comments.get(f.name, '')} (default: {f.default!r})".strip())
     args = vars(p.parse_args(argv))
     force, preset = args.pop("force"), args.pop("preset")
-    values = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}
-    cfgs = {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-            for cls in SECTIONS}
+    flags = {k: v for k, v in args.items() if v is not None}
+    cfgs = {cls: make(cls, {**PRESETS[preset], **flags}) for cls in SECTIONS}
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
-    return cfgs, force, preset
+    return cfgs, by_method(cfgs[ppo.PPOConfig], flags), force, preset
 
 
-def sweep_values(cfgs):
-    """(section, key, value texts, values) of --sweep=key:v1,v2,...; one line and an exit on
-    a key that changes SFT (a sweep shares its SFT model) or on a bad value."""
-    key, _, text = cfgs[Config].sweep.partition(":")
-    texts = [v for v in text.split(",") if v]
-    section = next((c for c in SECTIONS if key in {f.name for f in dataclasses.fields(c)}), None)
+def make(cls, values):
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def by_method(pc, flags):
+    """{method: its PPOConfig}: pc (preset and flags) with the method's TUNED settings, except
+    those given as flags."""
+    return {m: dataclasses.replace(pc, **{k: v for k, v in TUNED.get(m, {}).items() if k not in flags})
+            for m in reward.METHODS}
+
+
+# -----------------------------------------------------------------------------
+# The config an output folder was made with
+
+OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
+           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
+
+
+def prepare_out(out, config, force):
+    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
+    another config is refused. Then config.json records this run's config."""
+    os.makedirs(out, exist_ok=True)
+    cpath = os.path.join(out, "config.json")
+    if force:
+        for name in OUTPUTS:
+            p = os.path.join(out, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+    elif os.path.exists(cpath):
+        old = json.load(open(cpath))
+        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
+        if changed:
+            sys.exit(f"error: {out} holds a run with a different config ("
+                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
+                     + "); use another --out, or --force to start over")
+    data.write_json(config, cpath)
+
+
+def sweep_grid(cfgs, pcs):
+    """The points of --sweep="key:v1,v2 key2:v1,v2 ...": [(name, cfgs, pcs)] of the grid,
+    name like "lam=1,beta=0.05"; the swept keys are set like flags (for every method). One
+    line and an exit on a key that changes SFT (a sweep shares its SFT model) or a bad value."""
     sft_keys = {f.name for c in (Config, data.WorldConfig) for f in dataclasses.fields(c)} - {
         "n_pairs", "methods", "seeds", "n_curve", "eval_every", "ckpt_every", "stop_after", "jobs", "threads",
         "p_annotator_miss"}
-    if section is None or key in sft_keys or not texts:
-        sys.exit(f"error: --sweep=key:v1,v2,... with a key that leaves SFT alone (not {', '.join(sorted(sft_keys))})")
-    try:
-        return section, key, texts, [flag_type(key, type(getattr(cfgs[section], key)))(v) for v in texts]
-    except argparse.ArgumentTypeError as e:
-        sys.exit(f"error: --sweep={cfgs[Config].sweep}: {e}")
+    axes = []
+    for item in cfgs[Config].sweep.split():
+        key, _, text = item.partition(":")
+        texts = [v for v in text.split(",") if v]
+        section = next((c for c in SECTIONS if key in {f.name for f in dataclasses.fields(c)}), None)
+        if section is None or key in sft_keys or not texts:
+            sys.exit(f"error: --sweep=\"key:v1,v2 ...\" with keys that leave SFT alone (not {', '.join(sorted(sft_keys))})")
+        try:
+            axes.append([(section, key, t, flag_type(key, type(getattr(cfgs[section], key)))(t)) for t in texts])
+        except argparse.ArgumentTypeError as e:
+            sys.exit(f"error: --sweep={cfgs[Config].sweep}: {e}")
+    points = []
+    for combo in itertools.product(*axes):
+        one, name = dict(cfgs), ",".join(f"{key}={t}" for _, key, t, _ in combo)
+        for section, key, _, v in combo:
+            one[section] = dataclasses.replace(one[section], **{key: v})
+        one[Config] = dataclasses.replace(one[Config], out=os.path.join(cfgs[Config].out, name), sweep="")
+        ppo_keys = {key: v for section, key, _, v in combo if section is ppo.PPOConfig}
+        points.append((name, one, {m: dataclasses.replace(pc, **ppo_keys) for m, pc in pcs.items()}))
+    return points

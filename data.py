@@ -235,22 +235,31 @@ def max_score(prompt):
 def error_rates(prompts, responses):
     """The judge's view of a set of responses: mean score and the rate of each error type
     (wrong per stated fact, missing per requested fact, unparseable per sentence, the
-    others per response), the numbers a report shows beside a win rate."""
+    others per response), the numbers a report shows beside a win rate; and the wrong-fact
+    rate of the all-facts answers by position (first / middle / last third of the sentences)."""
     tot = dict.fromkeys(WEIGHTS, 0)
     scores, requested = [], 0
+    by_third = [[0, 0] for _ in range(3)]  # [wrong, stated] facts in each third of the long answers
     for p, r in zip(prompts, responses):
         s, c = judge(p, r)
         scores.append(s)
         requested += len(parse_prompt(p)[1])
         for k, n in c.items():
             tot[k] += n
+        verdicts = classify(p, r)[0]
+        for i, (_, kind, _, _) in enumerate(verdicts if len(parse_prompt(p)[1]) > 1 else []):
+            if kind in ("correct", "wrong"):
+                by_third[3 * i // len(verdicts)][0] += kind == "wrong"
+                by_third[3 * i // len(verdicts)][1] += 1
     n, sents = max(len(scores), 1), max(sum(tot[k] for k in tot if k != "missing"), 1)
     return {"judge_score": sum(scores) / n,
             "wrong": tot["wrong"] / max(tot["correct"] + tot["wrong"], 1),
             "missing": tot["missing"] / max(requested, 1),
             "rude": tot["rude"] / n, "off_topic": tot["off_topic"] / n,
             "repeated": tot["repeated"] / n, "unrequested": tot["unrequested"] / n,
-            "unparseable": tot["unparseable"] / sents}
+            "unparseable": tot["unparseable"] / sents,
+            # where the wrong facts of "Tell me about" answers sit: by the sentence's third of the answer
+            **{f"wrong_{part}": w / max(n, 1) for part, (w, n) in zip(("first", "middle", "last"), by_third)}}
 
 
 # -----------------------------------------------------------------------------
@@ -282,11 +291,11 @@ def annotate(prompt, response, p_miss=0.0, rng=None):
     out += response[prev_end:]
     for a in missing:
         if fix():
-            out = _insert_fact(prompt, out, a, FACT[a].format(e=e, v=KB[e][a]))
+            out = insert_fact(prompt, out, a, FACT[a].format(e=e, v=KB[e][a]))
     return out
 
 
-def _insert_fact(prompt, text, attr, new):
+def insert_fact(prompt, text, attr, new):
     """Insert sentence `new` before the first stated fact of a later attribute, else at the end."""
     verdicts, _ = classify(prompt, text)
     for (s, t), kind, a, _ in verdicts:

@@ -125,10 +125,16 @@ def apply(a, script):
 def token_labels(original, edited, mark_insertions=False, breaks=()):
     """Per-token labels: original in {-1, 0} (deleted = -1), edited in {0, +1} (inserted).
 
-    mark_insertions: also label -1 the original token right after each run of '+' (the
-    token in front of which text is missing), unless the run directly follows a '-'
-    (a replacement, whose removed tokens are already -1). An insertion at the very end
-    has no such token: callers append <|endoftext|> to both, so the eot gets the mark.
+    mark_insertions: also label -1, for each pure run of '+' (not directly after a '-': a
+    replacement's removed tokens are already -1), the original token where the answer
+    decided to leave the inserted text out: the first original token after the run once
+    the run is slid as LATE as it can go. The sentence-aligned run (see _slide) may sit
+    before tokens that the inserted text also starts with; the original only departs from
+    the edit after them. Omitting " The cow lives in the barn." before " The cow has four
+    legs." departs at " has", not at " The": " The cow" still agrees with the edit, and
+    " has" is the token that skipped the fact. Marking it lets the reward reach the decision
+    itself (GAE passes reward backwards only). An insertion at the very end has no such
+    token: callers append <|endoftext|> to both, so the eot, the decision to stop, is marked.
     """
     lo, le = [0] * len(original), [0] * len(edited)
     script = diff(original, edited, breaks)
@@ -140,10 +146,14 @@ def token_labels(original, edited, mark_insertions=False, breaks=()):
             continue
         le[j], j = 1, j + 1
         if t == 0 or script[t - 1][0] != "+":          # a '+' run starts here
-            replaced = t > 0 and script[t - 1][0] == "-"
+            start, replaced = t, t > 0 and script[t - 1][0] == "-"
         run_ends = t + 1 == len(script) or script[t + 1][0] != "+"
-        if mark_insertions and run_ends and not replaced and i < len(lo):
-            lo[i] = -1                                  # text is missing in front of it
+        if mark_insertions and run_ends and not replaced:
+            k = 0  # slide the run [start, t] right past each '=' that repeats its first token
+            while t + 1 + k < len(script) and script[t + 1 + k] == ("=", script[start + k][1]):
+                k += 1
+            if i + k < len(lo):
+                lo[i + k] = -1                          # the first token that departs from the edit
     return lo, le
 
 

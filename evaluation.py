@@ -97,7 +97,12 @@ def evaluate(model, ev, world, chat, seed, n=None):
     for i, s in enumerate(world.scores(prompts, responses)):
         refs = [rs[i] for rs in ev["ref_scores"]]
         wins.append(sum(1.0 if s > q else 0.5 if s == q else 0.0 for q in refs) / len(refs))
-    return wins, world.rates(prompts, responses), responses
+    return wins, sample_stats(world, chat, prompts, responses), responses
+
+
+def sample_stats(world, chat, prompts, responses):
+    """The judge's error rates of responses, and their mean length in tokens (eot included)."""
+    return {**world.rates(prompts, responses), "mean_length": sum(map(len, map(chat.response, responses))) / len(responses)}
 
 
 def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
@@ -111,7 +116,8 @@ def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
     t0 = time.perf_counter()
     wins, rates, responses = evaluate(policy.gpt, ev, world, chat, seed)
     out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8],
-           "t_curve0": ck["t_curve0"], "t_final_eval": time.perf_counter() - t0}
+           "t_curve0": ck["t_curve0"], "t_warmup": ck["t_warmup"], "warmup_explained_var": ck["warmup_explained_var"],
+           "t_final_eval": time.perf_counter() - t0}
     data.write_json(out, path)
     return out
 
@@ -120,7 +126,8 @@ def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
 # Reward-model diagnostics
 
 def fact_flips(n, seed):
-    """(prompt, correct answer, the same answer with one fact's value changed) triples."""
+    """(prompt, correct answer, the same answer with one fact's value changed, the third of
+    the answer the changed fact sits in: 0, 1, 2, or None for a one-fact answer) tuples."""
     rng, out = random.Random(seed), []
     for _ in range(n):
         p = data.sample_prompt(rng)
@@ -128,8 +135,8 @@ def fact_flips(n, seed):
         a = rng.choice(attrs)
         wrong = rng.choice([v for v in data.VALUES[a] if v != data.KB[e][a]])
         good = data.ideal_response(p)
-        out.append((p, good, good.replace(data.FACT[a].format(e=e, v=data.KB[e][a]),
-                                          data.FACT[a].format(e=e, v=wrong))))
+        out.append((p, good, good.replace(data.FACT[a].format(e=e, v=data.KB[e][a]), data.FACT[a].format(e=e, v=wrong)),
+                    3 * attrs.index(a) // len(attrs) if len(attrs) > 1 else None))
     return out
 
 
@@ -190,9 +197,12 @@ def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
         lo = score(vp, [r["rejected"] for r in val])
         m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}
         if world.gold:
-            good = score([p for p, _, _ in flips], [g for _, g, _ in flips])
-            bad = score([p for p, _, _ in flips], [b for _, _, b in flips])
-            m["fact_flip_acc"] = sum(g > b for g, b in zip(good, bad)) / len(flips)
+            ok = [g > b for g, b in zip(score([f[0] for f in flips], [f[1] for f in flips]),
+                                        score([f[0] for f in flips], [f[2] for f in flips]))]
+            m["fact_flip_acc"] = sum(ok) / len(flips)
+            for k, part in enumerate(("first", "middle", "last")):  # of a long answer: is an early fact weaker?
+                hits = [h for h, f in zip(ok, flips) if f[3] == k]
+                m[f"fact_flip_acc_{part}"] = sum(hits) / max(len(hits), 1)
             m["spearman_vs_judge"] = spearman(score(samples["prompts"], samples["responses"]), gold_sft)
     if "seq_edits" in rms:
         e = reward.response_scores(rms["seq_edits"], chat, vp, [r["edited"] for r in val], device)
@@ -206,10 +216,11 @@ def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
 # -----------------------------------------------------------------------------
 # The report
 
-def results(config, seeds, methods, evals, world, ev, rm_metrics_by_seed, timing):
+def results(config, seeds, methods, evals, world, chat, ev, rm_metrics_by_seed, timing):
     """The results.json dict; evals[method] is the list of final_eval outputs, one per seed;
     timing the wall-clock seconds of each stage in this invocation."""
-    sft_rates = world.rates(ev["prompts"], ev["refs"][0])
+    sft_rates = sample_stats(world, chat, ev["prompts"], ev["refs"][0])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out = {"config": config, "seeds": seeds, "methods": {"sft": sft_rates}}
     for m in methods:
         res = evals[m]
@@ -218,7 +229,10 @@ def results(config, seeds, methods, evals, world, ev, rm_metrics_by_seed, timing
         out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
                              "win_rate_ci95": bootstrap_ci(wins), **rates,
                              # KL to the reference at the end of training (mean of the last 5 iterations)
-                             "kl": sum(sum(x["kl"] for x in r["log"][-5:]) / len(r["log"][-5:]) for r in res) / len(seeds),
+                             "kl": mean([mean([x["kl"] for x in r["log"][-5:]]) for r in res]),
+                             # does the critic learn? 1 - Var(returns - V) / Var(returns), early and late
+                             "explained_var_early": mean([mean([x["explained_var"] for x in r["log"][:10]]) for r in res]),
+                             "explained_var": mean([mean([x["explained_var"] for x in r["log"][-10:]]) for r in res]),
                              "per_seed": [{"seed": s, "win_rate": sum(w) / len(w), **r["rates"]}
                                           for s, w, r in zip(seeds, wins, res)]}
     if "ppo" in methods and "fg_ppo" in methods:  # paired: same seeds, same prompts
@@ -235,11 +249,12 @@ PARTS = ["t_sample", "t_policy", "t_ref", "t_reward", "t_update", "t_curve"]  # 
 def time_split(evals):
     """Where each method's PPO runs spent their time, in seconds summed over iterations and
     seeds: sampling, the policy / reference / reward forwards, the update, the learning-curve
-    points and the final evaluation."""
+    points, the critic's warm-up and the final evaluation."""
     out = {}
     for m, res in evals.items():
         split = {p[2:]: sum(row[p] for r in res for row in r["log"]) for p in PARTS}
         split["curve"] += sum(r["t_curve0"] for r in res)  # the first point, before iteration 1
+        split["critic_warmup"] = sum(r["t_warmup"] for r in res)
         split["final_eval"] = sum(r["t_final_eval"] for r in res)
         out[m] = split
     return out
@@ -253,18 +268,31 @@ def results_md(out, methods, world, n_eval, k_ref):
         return "| " + " | ".join(cells) + " |"
     lines = [f"# Results ({len(out['seeds'])} seed(s), {n_eval} evaluation prompts, "
              f"K={k_ref} SFT reference samples each)", "",
-             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL"] + cols), row(["---"] * (4 + len(cols)))]
+             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL", "length", "expl. var"] + cols),
+             row(["---"] * (6 + len(cols)))]
     sft = out["methods"]["sft"]
-    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0"] + [f"{sft[c]:.3f}" for c in cols]))
+    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0", f"{sft['mean_length']:.1f}", ""]
+                     + [f"{sft[c]:.3f}" for c in cols]))
     for m in methods:
         r = out["methods"][m]
         lo, hi = r["win_rate_ci95"]
-        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", f"{r['kl']:.2f}"]
-                         + [f"{r[c]:.3f}" for c in cols]))
+        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", f"{r['kl']:.2f}",
+                          f"{r['mean_length']:.1f}", f"{r['explained_var']:.2f}"] + [f"{r[c]:.3f}" for c in cols]))
     if "fg_ppo_minus_ppo" in out:
         d = out["fg_ppo_minus_ppo"]
         lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
-    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO iterations."]
+    if "wrong_first" in sft:
+        lines += ["", "Wrong facts by position in the all-facts answers (first / middle / last third of the sentences):"]
+        lines += [f"- {m}: " + " / ".join(f"{out['methods'][m][f'wrong_{k}']:.3f}" for k in ("first", "middle", "last"))
+                  for m in ["sft"] + methods]
+    flips = {n: m for n, m in next(iter(out["reward_models"].values()), {}).items() if "fact_flip_acc_first" in m}
+    if flips:
+        lines += ["", "Fact-flip accuracy of each reward model by the flipped fact's third (first seed):"]
+        lines += [f"- {n}: " + " / ".join(f"{m[f'fact_flip_acc_{k}']:.2f}" for k in ("first", "middle", "last"))
+                  for n, m in flips.items()]
+    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO iterations; length = response",
+              "tokens of the evaluation samples (eot included); expl. var = the critic's explained variance of the",
+              "returns, last 10 iterations."]
     return "\n".join(lines + world.notes()) + "\n"
 
 
@@ -324,6 +352,35 @@ def token_rewards_html(path, rm, samples, world, chat, device, n=8):
         f.write("<html><body><h3>Token RM rewards on SFT samples (red = bad)</h3>" + "".join(rows) + "</body></html>")
 
 
+def sweep_report(out_dir, sweep, runs):
+    """sweep.json and sweep.md of a grid: per point and method the win rate with its CI, KL,
+    length and explained variance, and each method's best point by win rate (the tuning
+    protocol's choice); for a one-key grid also headline.png (plot_sweep). runs[point] is
+    that point's results.json."""
+    methods = [m for m in next(iter(runs.values()))["methods"] if m != "sft"]
+    keys = ("win_rate", "win_rate_ci95", "kl", "mean_length", "explained_var", "wrong")
+    table = {m: {n: {k: r["methods"][m].get(k) for k in keys} for n, r in runs.items()} for m in methods}
+    best = {m: max(pts, key=lambda n: pts[n]["win_rate"]) for m, pts in table.items()}
+    data.write_json({"sweep": sweep, "points": list(runs), "methods": table, "best": best},
+                    os.path.join(out_dir, "sweep.json"))
+    lines = [f"# Sweep {sweep}", "", "| point | method | win rate vs SFT [95% CI] | KL | length | expl. var |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n in runs:
+        for m in methods:
+            r = table[m][n]
+            lines.append(f"| {n} | {m} | {r['win_rate']:.3f} [{r['win_rate_ci95'][0]:.3f}, {r['win_rate_ci95'][1]:.3f}]"
+                         f"{' (best)' if best[m] == n else ''} | {r['kl']:.2f} | {r['mean_length']:.1f} | "
+                         f"{r['explained_var']:.2f} |")
+    with open(os.path.join(out_dir, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if len(sweep.split()) == 1:
+        key = sweep.split(":")[0]
+        plot_sweep(os.path.join(out_dir, "headline.png"), key, [n.split("=", 1)[1] for n in runs],
+                   {n.split("=", 1)[1]: r for n, r in runs.items()})
+    print("sweep: best point per method: " + " | ".join(f"{m} {n} ({table[m][n]['win_rate']:.3f})"
+                                                      for m, n in best.items()))
+
+
 def plot_sweep(path, key, values, runs):
     """headline.png: win rate against SFT and wrong-fact rate per method against the swept
     value, and the win-rate / KL frontier. runs[value] is that run's results.json."""
@@ -340,7 +397,8 @@ def plot_sweep(path, key, values, runs):
         axes[0].errorbar(x, wr, yerr=err, marker="o", capsize=3, label=m)
         axes[1].plot(x, [r.get("wrong", float("nan")) for r in rs], marker="o", label=m)
         kl_order = sorted(range(len(rs)), key=lambda i: rs[i]["kl"])  # a frontier is read along KL
-        axes[2].plot([rs[i]["kl"] for i in kl_order], [wr[i] for i in kl_order], marker="o", label=m)
+        axes[2].errorbar([rs[i]["kl"] for i in kl_order], [wr[i] for i in kl_order], marker="o", capsize=3, label=m,
+                         yerr=[[err[0][i] for i in kl_order], [err[1][i] for i in kl_order]])
     axes[1].plot(x, [runs[v]["methods"]["sft"].get("wrong", float("nan")) for v in values], "k--", label="sft")
     axes[0].axhline(0.5, color="grey", lw=0.5)
     for ax, t, xl in zip(axes, ["win rate vs SFT (95% CI)", "wrong facts per stated fact", "win rate / KL frontier"],

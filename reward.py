@@ -47,7 +47,6 @@ class RMConfig:
     rm_lr: float = 3e-4
     rm_bad_weight: float = 1.0  # class weight of "bad" in the token loss; 1 keeps p(bad)
                                 # calibrated, which is what PPO reads as a reward
-    rm_center: bool = True      # shift token rewards so SFT samples average 0 per token
 
 
 SCHEMES = {  # gold label (-1 / 0 / +1) -> class index; class 0 is always "bad"
@@ -245,22 +244,27 @@ def response_scores(rm, chat, prompts, responses, device, batch=128):
 
 
 def centred_scores(rm, norm, chat, prompts, responses, device):
-    """What PPO sees of a response, one number, before scaling: the sequence RM's score,
-    or the token RM's rewards summed after the per-token centring (see fit_norm)."""
-    c = norm["center"] if isinstance(rm, TokenRM) else 0.0
-    return [x - c * len(chat.response(y)) for x, y in zip(response_scores(rm, chat, prompts, responses, device), responses)]
+    """What PPO sees of a response, one number, before scaling: its summed reward (the
+    sequence RM's score, or the token RM's rewards summed) minus the centre (see fit_norm)."""
+    return [x - norm["center"] for x in response_scores(rm, chat, prompts, responses, device)]
 
 
-def fit_norm(sums, lens, dense, center=True):
-    """Reward scale fitted on SFT samples, so that every method starts on equal footing: a
-    dense (per-token) reward is centred per token (if center) and scaled so that a
-    response's summed reward has std 1; a final (sequence) score is standardised.
-    sums: each sample's summed raw reward; lens: its number of response tokens."""
-    sums, lens = torch.as_tensor(sums, dtype=torch.float), torch.as_tensor(lens, dtype=torch.float)
-    if not dense:
-        return {"center": sums.mean().item(), "scale": sums.std().item()}
-    c = (sums.sum() / lens.sum()).item() if center else 0.0
-    return {"center": c, "scale": (sums - c * lens).std().item()}
+def fit_norm(sums):
+    """The reward scale of a method, fitted on each SFT sample's summed raw reward so that
+    every method starts on equal footing: centre = mean, scale = std of the sums. The same
+    rule for a final score and for dense token rewards, and the centre is subtracted once
+    per response (at its last token, see normalise), never per token: a per-token centre
+    c < 0 would pay |c| for every token, so padding an answer with harmless text would
+    raise its reward, a length bonus that the sequence methods do not get."""
+    sums = torch.as_tensor(sums, dtype=torch.float)
+    return {"center": sums.mean().item(), "scale": sums.std().item()}
+
+
+def normalise(r, resp_mask, norm):
+    """(r - center at the last response token) / scale, for (B, T) task rewards r; a
+    response's summed reward is then (its raw sum - center) / scale."""
+    ones = torch.ones(r.size(0), device=r.device)
+    return (r - norm["center"] * final_token_rewards(ones, resp_mask.float())) / norm["scale"]
 
 
 # -----------------------------------------------------------------------------
@@ -271,7 +275,7 @@ METHODS = {  # method: (reward source, dense per-token or final)
     "fg_ppo": ("token", True),           # token RM on the edits, on every response token
     "ppo_edits": ("seq_edits", False),   # sequence RM on (edited > rejected): same data, one number
     "oracle_ppo": ("judge", False),      # gold judge score at the end (control, beyond the paper)
-    "oracle_fg": ("annotator", True),    # gold per-token labels: annotator + diff on each sample
+    "oracle_fg": ("judge", True),        # the same judge score, paid where each verdict is decided
 }
 
 
@@ -283,19 +287,42 @@ def final_token_rewards(scores, resp_mask):
     return out * resp_mask
 
 
+def judge_token_rewards(enc, prompt, ids):
+    """The gold judge's score of one response, made dense over its token ids (eot included
+    if generated): each sentence's verdict (data.WEIGHTS: +1 a correct fact, -1 an error) on
+    the sentence's last token, where the verdict is decided, and each missing fact's -1 on
+    the token where the answer departed from the text with that fact inserted (the first
+    character that differs; at the end, the eot that stopped too early). The rewards sum
+    exactly to data.score(prompt, text): the judge's objective, only denser."""
+    text = tok.decode_response(enc, ids)
+    ends = [len(tok.decode_response(enc, ids[:k + 1])) for k in range(len(ids))]  # characters after token k
+
+    def at(c):  # the token holding character c of text (the last token if c is past the end)
+        return next((k for k, e in enumerate(ends) if e > c), len(ids) - 1)
+    out = [0.0] * len(ids)
+    verdicts, missing = data.classify(prompt, text)
+    for (_, t), kind, _, _ in verdicts:
+        out[at(t - 1)] += data.WEIGHTS[kind]
+    e, _ = data.parse_prompt(prompt)
+    for a in missing:
+        fixed = data.insert_fact(prompt, text, a, data.FACT[a].format(e=e, v=data.KB[e][a]))
+        d = next((i for i, (x, y) in enumerate(zip(text, fixed)) if x != y), len(text))
+        out[at(d)] += data.WEIGHTS["missing"]
+    return out
+
+
 def gold_rewards(chat, idx, real, resp_mask, dense):
-    """Oracle rewards, unnormalised: -1 on each token that the annotator's edit of the
-    sample labels bad (dense; the same labels as the token RM learns), or the gold judge's
-    score on the eot (final)."""
+    """Oracle rewards, unnormalised: the gold judge's score on the last response token
+    (final), or the same score spread over the tokens that decide it (dense,
+    judge_token_rewards). The two oracles optimise one objective at two densities."""
     prompts, responses = chat.split(idx, resp_mask)
     if not dense:
         scores = [data.score(p, tok.decode_response(chat.enc, r)) for p, r in zip(prompts, responses)]
         return final_token_rewards(torch.tensor(scores, dtype=torch.float, device=idx.device), resp_mask.float())
     out = torch.zeros(idx.shape, device=idx.device)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        labels, _ = label_pair(chat.enc, r, data.annotate(p, tok.decode_response(chat.enc, r)), "bad_vs_rest")
-        cols = resp_mask[i].nonzero().squeeze(1)  # label k belongs to the k-th response token
-        out[i, cols] = torch.tensor(labels, dtype=torch.float, device=idx.device)
+        cols = resp_mask[i].nonzero().squeeze(1)  # reward k belongs to the k-th response token
+        out[i, cols] = torch.tensor(judge_token_rewards(chat.enc, p, r), device=idx.device)
     return out
 
 
@@ -316,13 +343,10 @@ def reward_fn(method, rm_dir, chat, samples, rmc, device):
             return gold_rewards(chat, idx, real, resp_mask, dense)
         idx, real = chat.batch(samples["prompts"], samples["responses"], device)
         resp = chat.response_mask(idx, real)
-        norm = fit_norm(raw(idx, real, resp).sum(1), resp.sum(1), dense, rmc.rm_center)  # as for the RMs
+        norm = fit_norm(raw(idx, real, resp).sum(1))  # as for the RMs
 
     def fn(idx, real, resp_mask):
         with autocast(device):
             r = raw(idx, real, resp_mask).float()
-        if dense:  # centre per token, then scale so that a response's summed reward has std ~1
-            return (r - norm["center"] * resp_mask) / norm["scale"]
-        ones = torch.ones(len(r), device=r.device)
-        return (r - norm["center"] * final_token_rewards(ones, resp_mask.float())) / norm["scale"]
+        return normalise(r, resp_mask, norm)  # a response's summed reward: mean 0, std 1 on SFT samples
     return fn

@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -37,7 +38,7 @@ import evaluation
 import ppo
 import reward
 import tokenizer as tok
-from config import SECTIONS, Config, parse_args, sweep_values
+from config import SECTIONS, Config, parse_args, prepare_out, sweep_grid
 from model import GPT, GPTConfig, autocast, load_gpt, pick_device, save_atomic
 from workers import parallel, processes
 from world import make_world
@@ -191,24 +192,27 @@ def rm_split(cfg, seed):
     return records[n_val:], records[:n_val]
 
 
+RM_NAMES = ["token", "seq", "seq_edits"]
+
+
 def stage_rm(cfg, chat, rmc, seed, name, device):
     """One reward model of one seed: token (diff labels of the edits), seq (chosen > rejected)
     or seq_edits (edited > rejected), with its reward scale fitted on the SFT samples."""
     path = os.path.join(cfg.out, "rm", f"seed{seed}", f"{name}.pt")
     if skip(cfg, path):
         return
-    train, _ = rm_split(cfg, seed)
+    train, _ = rm_split(cfg, seed)  # the same pairs for every RM of a seed ...
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
-    torch.manual_seed(seed)  # the new head's initial weights
+    own = 3 * seed + RM_NAMES.index(name)  # ... but each its own head init and batch order
+    torch.manual_seed(own)
     if name == "token":
-        rm = reward.train_token_rm(chat, sft_path, train, rmc, seed, device)
+        rm = reward.train_token_rm(chat, sft_path, train, rmc, own, device)
     else:
         better = {"seq": "chosen", "seq_edits": "edited"}[name]
-        rm = reward.train_seq_rm(chat, sft_path, train, better, rmc, seed, device, f"rm {name}")
+        rm = reward.train_seq_rm(chat, sft_path, train, better, rmc, own, device, f"rm {name}")
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-    sums = reward.response_scores(rm, chat, samples["prompts"], samples["responses"], device)
-    lens = [len(chat.response(r)) for r in samples["responses"]]
-    reward.save_rm(rm, reward.fit_norm(sums, lens, dense=(name == "token"), center=rmc.rm_center), path)
+    reward.save_rm(rm, reward.fit_norm(reward.response_scores(rm, chat, samples["prompts"], samples["responses"],
+                                                              device)), path)
 
 
 def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
@@ -269,7 +273,7 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_use
                                        cfg.seed + 2000, device) for s in seeds] for m in methods}
     rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
                   if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
-    out = evaluation.results(config, seeds, methods, evals, world, ev, rm_metrics, timing)
+    out = evaluation.results(config, seeds, methods, evals, world, chat, ev, rm_metrics, timing)
     out["processes"] = processes_used
     data.write_json(out, os.path.join(cfg.out, "results.json"))
     md = evaluation.results_md(out, methods, world, cfg.n_eval, cfg.k_ref)
@@ -287,33 +291,16 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_use
 # -----------------------------------------------------------------------------
 # Main: the stages in order
 
-OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
-           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
+def run(cfgs, pcs, force, preset):
+    """The pipeline once, for one config; pcs: each method's PPO settings (config.by_method)."""
+    ctx = prepare(cfgs, pcs, force, preset)
+    ctx.timed("ppo", parallel, ppo_tasks(ctx), ctx.jobs, ctx.job_threads)
+    report(ctx)
 
 
-def prepare_out(out, config, force):
-    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
-    another config is refused. Then config.json records this run's config."""
-    os.makedirs(out, exist_ok=True)
-    cpath = os.path.join(out, "config.json")
-    if force:
-        for name in OUTPUTS:
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
-    elif os.path.exists(cpath):
-        old = json.load(open(cpath))
-        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
-        if changed:
-            sys.exit(f"error: {out} holds a run with a different config ("
-                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
-                     + "); use another --out, or --force to start over")
-    data.write_json(config, cpath)
-
-
-def run(cfgs, force, preset):
-    """The pipeline once, for one config."""
-    cfg, world_cfg, rmc, pc = (cfgs[c] for c in SECTIONS)
+def prepare(cfgs, pcs, force, preset):
+    """Stages 0-3 and the evaluation set; returns what the PPO runs and the report need."""
+    cfg, world_cfg, rmc, _ = (cfgs[c] for c in SECTIONS)
     methods = cfg.methods.split(",")
     try:  # your data is read and checked before anything is written
         device = pick_device(cfg.device)
@@ -326,13 +313,15 @@ def run(cfgs, force, preset):
         methods = [m for m in methods if m == "ppo"]
         print("note: not every record has an 'edited' field, so only the sequence-level method (ppo) runs")
     config = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
+    config["ppo_by_method"] = {m: d for m, pc in pcs.items()  # where a method's settings differ from the flat ones
+                               if (d := {k: v for k, v in dataclasses.asdict(pc).items() if v != config[k]})}
     prepare_out(cfg.out, config, force)
     jobs, threads, job_threads = processes(cfg, device)
     torch.set_num_threads(threads)  # for the stages that run alone; the workers set job_threads
     torch.manual_seed(cfg.seed)
     print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)")
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    rm_names = [n for n in ("token", "seq", "seq_edits") if n in {reward.METHODS[m][0] for m in methods}]
+    rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m][0] for m in methods}]
     timing = {}
 
     def timed(name, f, *args):
@@ -354,43 +343,50 @@ def run(cfgs, force, preset):
                            if rm_names], jobs, job_threads)
     timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
           os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the PPO runs, which all read it
-    timed("ppo", parallel, [(stage_ppo, (cfg, world, chat, rmc, pc, m, s, device)) for s in seeds for m in methods],
-          jobs, job_threads)
-    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing,
-          {"jobs": jobs, "threads": threads, "threads_per_job": job_threads}, device)
+    return SimpleNamespace(cfg=cfg, rmc=rmc, pcs=pcs, world=world, chat=chat, config=config, seeds=seeds,
+                           methods=methods, device=device, jobs=jobs, threads=threads, job_threads=job_threads,
+                           timing=timing, timed=timed)
 
 
-def sweep(cfgs, force, preset):
-    """--sweep=key:v1,v2,...: the pipeline once per value, in <out>/<key>=<value>/, all
-    sharing the first value's tokenizer, SFT model and evaluation set (so a swept key must
-    leave SFT alone), and for a PPO key also its preference data and reward models; then
-    <out>/sweep.json and <out>/headline.png (evaluation.plot_sweep)."""
-    cfg = cfgs[Config]
-    section, key, values, parsed = sweep_values(cfgs)
-    shared = ["sft", "tokenizer.tiktoken", "eval"] + (["prefs", "prefs.jsonl", "rm"] if section is ppo.PPOConfig else [])
-    runs, first = {}, os.path.join(cfg.out, f"{key}={values[0]}")
-    for v, x in zip(values, parsed):
-        sub = os.path.join(cfg.out, f"{key}={v}")
-        for name in shared if v != values[0] and not os.path.exists(sub) else []:
-            src, dst = os.path.join(first, name), os.path.join(sub, name)
+def ppo_tasks(c):
+    """The independent PPO runs of a prepared pipeline, one per (seed, method)."""
+    return [(stage_ppo, (c.cfg, c.world, c.chat, c.rmc, c.pcs[m], m, s, c.device)) for s in c.seeds for m in c.methods]
+
+
+def report(c):
+    c.timed("report", stage_report, c.cfg, c.world, c.chat, c.config, c.seeds, c.methods, c.timing,
+            {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads}, c.device)
+
+
+def sweep(cfgs, pcs, force, preset):
+    """--sweep="key:v1,v2 key2:..." runs the pipeline once per point of the grid, in
+    <out>/key=v1,key2=.../, all sharing the first point's tokenizer, SFT model and evaluation
+    set (so a swept key must leave SFT alone), and when only PPO keys are swept also its
+    preference data and reward models. The PPO runs of all points share one pool of workers.
+    Then <out>/sweep.json and <out>/sweep.md (evaluation.sweep_report)."""
+    points = sweep_grid(cfgs, pcs)
+    only_ppo = all(one[c] == cfgs[c] for _, one, _ in points for c in SECTIONS if c not in (Config, ppo.PPOConfig))
+    shared = ["sft", "tokenizer.tiktoken", "eval"] + (["prefs", "prefs.jsonl", "rm"] if only_ppo else [])
+    first, ctxs = points[0][1][Config].out, []
+    for i, (name, one, one_pcs) in enumerate(points):
+        for item in shared if i > 0 and not os.path.exists(one[Config].out) else []:
+            src, dst = os.path.join(first, item), os.path.join(one[Config].out, item)
             shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy(src, dst)
-        print(f"=== sweep {key}={v} -> {sub}")
-        one = dict(cfgs)
-        one[section] = dataclasses.replace(one[section], **{key: x})
-        one[Config] = dataclasses.replace(one[Config], out=sub, sweep="")
-        run(one, force, preset)
-        runs[v] = json.load(open(os.path.join(sub, "results.json")))
-    data.write_json({"key": key, "values": values,
-                     "runs": {v: {"methods": r["methods"], "fg_ppo_minus_ppo": r.get("fg_ppo_minus_ppo")}
-                              for v, r in runs.items()}}, os.path.join(cfg.out, "sweep.json"))
-    evaluation.plot_sweep(os.path.join(cfg.out, "headline.png"), key, values, runs)
-    print(f"sweep: {os.path.join(cfg.out, 'headline.png')} and sweep.json written")
+        print(f"=== sweep {name} -> {one[Config].out}")
+        ctxs.append(prepare(one, one_pcs, force, preset))
+    t0 = time.time()
+    parallel([t for c in ctxs for t in ppo_tasks(c)], ctxs[0].jobs, ctxs[0].job_threads)
+    for c in ctxs:
+        c.timing["ppo"] = time.time() - t0  # the whole grid's pool
+        report(c)
+    evaluation.sweep_report(cfgs[Config].out, cfgs[Config].sweep,
+                            {name: json.load(open(os.path.join(one[Config].out, "results.json"))) for name, one, _ in points})
 
 
 def main(argv):
-    cfgs, force, preset = parse_args(argv)
+    cfgs, pcs, force, preset = parse_args(argv)
     try:
-        (sweep if cfgs[Config].sweep else run)(cfgs, force, preset)
+        (sweep if cfgs[Config].sweep else run)(cfgs, pcs, force, preset)
     except FloatingPointError as e:  # a non-finite loss: the stage's last good files are intact
         sys.exit(f"error: {e}")
 

@@ -18,16 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_parse_args_types_sections_and_presets():
     """--key=value lands on the right dataclass with the right type, on top of the preset."""
-    cfgs, force, preset = config.parse_args(["--preset=tiny", "--n_layer=3", "--sft_lr=1", "--beta=0.5",
-                                            "--methods=ppo,fg_ppo", "--rm_center=false", "--p_wrong=0.5",
-                                            "--rm_steps=7", "--force"])
+    cfgs, _, force, preset = config.parse_args(["--preset=tiny", "--n_layer=3", "--sft_lr=1", "--beta=0.5",
+                                               "--methods=ppo,fg_ppo", "--p_wrong=0.5", "--rm_steps=7", "--force"])
     cfg, world, rmc, pc = (cfgs[c] for c in (config.Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig))
     assert force is True and preset == "tiny"
     assert cfg.n_layer == 3 and type(cfg.n_layer) is int
     assert cfg.sft_lr == 1.0 and type(cfg.sft_lr) is float
     assert cfg.methods == "ppo,fg_ppo" and type(cfg.methods) is str
     assert pc.beta == 0.5 and type(pc.beta) is float
-    assert rmc.rm_center is False and rmc.rm_steps == 7
+    assert rmc.rm_steps == 7
     assert world.p_wrong == 0.5
     # the rest of the tiny preset, in whichever section each key lives
     tiny = config.PRESETS["tiny"]
@@ -35,17 +34,15 @@ def test_parse_args_types_sections_and_presets():
     assert pc.ppo_iters == tiny["ppo_iters"] and pc.rollout_batch == tiny["rollout_batch"]
     # untouched keys keep the dataclass defaults
     assert pc.ppo_lr == ppo.PPOConfig().ppo_lr and world.p_rude == data.WorldConfig().p_rude
-    for s, v in [("true", True), ("1", True), ("False", False), ("0", False)]:
-        assert config.parse_args([f"--rm_center={s}"])[0][reward.RMConfig].rm_center is v
 
 
 def test_parse_args_defaults_and_errors():
     """No flags gives every dataclass's defaults and no force; bad values exit with the expected type."""
-    cfgs, force, preset = config.parse_args([])
+    cfgs, _, force, preset = config.parse_args([])
     assert force is False and preset == "default"
     for cls in config.SECTIONS:
         assert cfgs[cls] == cls()
-    for flag, word in [("--n_layer=2.5", "int"), ("--rm_center=maybe", "bool"), ("--beta=abc", "float"),
+    for flag, word in [("--n_layer=2.5", "int"), ("--beta=abc", "float"),
                        ("n_layer=2", "--key=value"), ("--n_layer", "--key=value")]:
         with pytest.raises(SystemExit) as e:
             config.parse_args([flag])
@@ -54,9 +51,9 @@ def test_parse_args_defaults_and_errors():
 
 def test_space_separated_flags_equal_the_equals_form():
     """--key value and --preset tiny parse exactly like --key=value and --preset=tiny."""
-    a = config.parse_args(["--preset", "tiny", "--beta", "0.5", "--rm_center", "false", "--force"])
-    b = config.parse_args(["--preset=tiny", "--beta=0.5", "--rm_center=false", "--force"])
-    assert a == b and a[0][ppo.PPOConfig].beta == 0.5 and a[2] == "tiny"
+    a = config.parse_args(["--preset", "tiny", "--beta", "0.5", "--rm_scheme", "paper", "--force"])
+    b = config.parse_args(["--preset=tiny", "--beta=0.5", "--rm_scheme=paper", "--force"])
+    assert a == b and a[0][ppo.PPOConfig].beta == 0.5 and a[3] == "tiny"
 
 
 @pytest.mark.parametrize("flag, words", [
@@ -78,9 +75,36 @@ def test_bad_values_exit_with_one_line(flag, words):
         assert w in msg, (w, msg)
 
 
+def test_tuned_settings_per_method_and_flags_override_them(monkeypatch):
+    """Each method runs with its TUNED settings on top of the preset; a flag given on the
+    command line wins for every method; a method without tuned settings keeps the flat ones."""
+    monkeypatch.setattr(config, "TUNED", {"ppo": {"lam": 1.0, "beta": 0.1}, "fg_ppo": {"ppo_lr": 7e-5}})
+    cfgs, pcs, _, _ = config.parse_args(["--preset=tiny", "--beta=0.02"])
+    assert set(pcs) == set(reward.METHODS)
+    assert pcs["ppo"].lam == 1.0 and pcs["ppo"].beta == 0.02  # beta was a flag
+    assert pcs["fg_ppo"].ppo_lr == 7e-5 and pcs["fg_ppo"].lam == ppo.PPOConfig().lam
+    assert pcs["ppo_edits"] == cfgs[ppo.PPOConfig] and pcs["ppo"].ppo_iters == config.PRESETS["tiny"]["ppo_iters"]
+
+
+def test_sweep_grid_points():
+    """--sweep="lam:0.9,1 beta:0.01,0.1,0.2" is the 6 points of the grid, each in its own folder,
+    the swept keys set for every method; a key that changes SFT is refused in one line."""
+    cfgs, pcs, _, _ = config.parse_args(["--out=o", "--sweep=lam:0.9,1 beta:0.01,0.1,0.2"])
+    points = config.sweep_grid(cfgs, pcs)
+    assert [n for n, _, _ in points] == [f"lam={a},beta={b}" for a in ("0.9", "1") for b in ("0.01", "0.1", "0.2")]
+    name, one, one_pcs = points[4]
+    assert one[config.Config].out == os.path.join("o", name) and one[config.Config].sweep == ""
+    assert one[ppo.PPOConfig].lam == 1.0 and all(pc.lam == 1.0 and pc.beta == 0.1 for pc in one_pcs.values())
+    for bad in ("n_layer:2,3", "beta:abc", "nope:1"):
+        cfgs, pcs, _, _ = config.parse_args([f"--sweep={bad}"])
+        with pytest.raises(SystemExit) as e:
+            config.sweep_grid(cfgs, pcs)
+        assert str(e.value.code).startswith("error:") and "\n" not in str(e.value.code)
+
+
 def test_stop_after_and_warmup_may_be_zero():
     """The few int fields with a lower bound other than 1 accept it."""
-    cfgs, _, _ = config.parse_args(["--stop_after=0", "--warmup=0", "--seed=-3"])
+    cfgs, _, _, _ = config.parse_args(["--stop_after=0", "--warmup=0", "--seed=-3"])
     assert cfgs[config.Config].stop_after == 0 and cfgs[config.Config].warmup == 0 and cfgs[config.Config].seed == -3
 
 

@@ -158,3 +158,22 @@ def test_render_html():
     assert "&lt;b&gt;" in out and "<b>" not in out and " cow" in out and "&amp; moo" in out
     assert "rgba(220,38,38,1.00)" in out and "rgba(22,163,74,0.25)" in out
     assert out.startswith("<pre") and out.count("<span") == 2
+
+
+def test_omission_mark_lands_on_the_decision_token():
+    """An omitted sentence is marked where the answer departs from the edit, not where the
+    sentence-aligned insertion starts: in the middle, at the start and at the end."""
+    fact = lambda *w: list(w) + ["."]  # noqa: E731
+    food, legs = fact(" The", " cow", " eats", " grass"), fact(" The", " cow", " has", " four", " legs")
+    home = fact(" The", " cow", " lives", " in", " the", " barn")
+    a, b = food + legs + [EOT], food + home + legs + [EOT]         # the middle: " has" skipped the fact
+    lo, le = token_labels(a, b, mark_insertions=True, breaks={"."})
+    assert [a[k] for k, v in enumerate(lo) if v] == [" has"]
+    assert [b[k] for k, v in enumerate(le) if v] == home            # the + labels stay sentence-aligned
+    colour, size = fact("The", " cow", " is", " brown"), fact(" The", " cow", " is", " big", " in", " size")
+    a, b = ["The"] + size[1:] + [EOT], colour + size + [EOT]        # the start: " big" where " brown" was due
+    lo, _ = token_labels(a, b, mark_insertions=True, breaks={"."})
+    assert [a[k] for k, v in enumerate(lo) if v] == [" big"]
+    a, b = food + [EOT], food + legs + [EOT]                        # the end: stopping skipped it
+    lo, _ = token_labels(a, b, mark_insertions=True, breaks={"."})
+    assert lo == [0] * len(food) + [-1]

@@ -121,11 +121,22 @@ def test_trained_token_rm_blames_the_wrong_token_in_a_rollout_batch(chat):
 
 
 def test_fit_norm_hand_computed():
-    """sums [1, 2, 3], lengths [1, 1, 2]: dense c = 6/4, centred sums [-0.5, 0.5, 0], std 0.5;
-    final: mean 2, std 1; dense without centring: c = 0, std 1."""
-    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=True) == pytest.approx({"center": 1.5, "scale": 0.5})
-    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=False) == pytest.approx({"center": 2.0, "scale": 1.0})
-    assert reward.fit_norm([1, 2, 3], [1, 1, 2], dense=True, center=False) == pytest.approx({"center": 0.0, "scale": 1.0})
+    """The summed rewards [1, 2, 3] of three samples: centre 2, scale 1 (their mean and std)."""
+    assert reward.fit_norm([1, 2, 3]) == pytest.approx({"center": 2.0, "scale": 1.0})
+
+
+def test_dense_rewards_pay_nothing_for_length():
+    """A response padded with neutral tokens (raw reward ~0, as -p(bad) of harmless text)
+    does not earn more: the centre is subtracted once per response, not per token. (With
+    the per-token centre c = -0.5 of these samples, each padding token would earn +0.5/s.)"""
+    raw = torch.tensor([[0.0, -1.0, -0.01, -1.0], [-0.01, -0.01, -1.0, 0.0]])  # 2 samples, 4 response tokens
+    mask = torch.ones_like(raw, dtype=torch.bool)
+    norm = reward.fit_norm(raw.sum(1))
+    short = reward.normalise(raw[:1], mask[:1], norm).sum()
+    padded = torch.cat([raw[:1], torch.full((1, 20), -0.001)], 1)  # the same answer and 20 harmless tokens
+    long = reward.normalise(padded, torch.ones_like(padded, dtype=torch.bool), norm).sum()
+    assert long <= short
+    torch.testing.assert_close(short, (raw[0].sum() - norm["center"]) / norm["scale"])
 
 
 def samples_for_norm(n=24, seed=0):
@@ -134,22 +145,45 @@ def samples_for_norm(n=24, seed=0):
     return {"prompts": prompts, "responses": [data.noisy_response(p, rng) for p in prompts]}
 
 
-def test_oracle_fg_reward_lands_on_the_bad_token(chat):
-    """oracle_fg: the annotator's labels of each sample, -1 exactly at " fish" (the column of
-    the left-padded rollout batch), 0 on every other token and off the response."""
-    idx, real = chat.batch(["Tell me about the cow.", PROMPT], ["The cow is brown.", WRONG])
+def test_oracle_fg_reward_lands_on_the_deciding_tokens(chat):
+    """oracle_fg, raw: the judge's verdict of each sentence on its last token (-1 on the "."
+    after the wrong " fish"), each missing fact's -1 where the answer departs from it (here
+    the eot, which stopped before the six facts still due), 0 elsewhere and off the response."""
+    idx, real = chat.batch([PROMPT, "Tell me about the duck."], [WRONG, "The duck is yellow. The duck is small in size."])
     resp = chat.response_mask(idx, real)
     gold = reward.gold_rewards(chat, idx, real, resp, dense=True)
-    fish = positions_of(chat, idx[1].tolist(), " fish")
-    assert [t for t in range(idx.size(1)) if gold[1, t] != 0] == fish
-    assert gold[1, fish[0]] == -1
-    # the first answer omits seven requested facts: only insertion points are blamed, inside the response
-    assert (gold[~resp] == 0).all() and (gold[0] != 0).any()
+    row = idx[1].tolist()
+    dots = positions_of(chat, row, ".")
+    assert [t for t in range(idx.size(1)) if gold[0, t] != 0] == [positions_of(chat, idx[0].tolist(), ".")[-1]]
+    assert gold[0].sum() == -1 == data.score(PROMPT, WRONG)
+    assert (gold[~resp] == 0).all()
+    # the duck: 2 correct facts paid on their "."; 6 missing facts after them, all decided by the eot
+    assert gold[1, dots[-2]] == 1 and gold[1, dots[-1]] == 1 and gold[1, -1] == -6
+
+
+def test_dense_oracle_sums_to_the_judge_score(chat):
+    """For random noisy answers, cut short or followed by random tokens, each response's dense
+    gold rewards sum exactly to the judge's score of its text."""
+    rng, g = random.Random(3), torch.Generator().manual_seed(3)
+    prompts, responses = [], []
+    for i in range(40):
+        p = data.sample_prompt(rng)
+        ids = chat.response(data.noisy_response(p, rng))
+        if i % 3 == 1:
+            ids = ids[:rng.randint(1, len(ids))]  # truncated: no eot, maybe mid-sentence
+        if i % 3 == 2:
+            ids = ids[:-1] + torch.randint(0, 300, (rng.randint(1, 8),), generator=g).tolist() + [chat.eot]
+        prompts.append(p), responses.append(ids)
+    for p, ids in zip(prompts, responses):
+        r = reward.judge_token_rewards(chat.enc, p, ids)
+        assert len(r) == len(ids)
+        assert sum(r) == data.score(p, tok.decode_response(chat.enc, ids))
 
 
 def test_oracle_fg_normalised_on_samples(chat):
     """reward_fn("oracle_fg") on the very samples it was fitted on: per-response sums have mean 0
-    and std 1, and a neutral token gets exactly -c/s (the per-token centring)."""
+    and std 1, the same normalisation as oracle_ppo (the same sums), and the centre is paid
+    once, on the eot: every other response token keeps its raw reward / scale."""
     samples = samples_for_norm()
     fn = reward.reward_fn("oracle_fg", "unused", chat, samples, reward.RMConfig(), "cpu")
     idx, real = chat.batch(samples["prompts"], samples["responses"])
@@ -159,11 +193,11 @@ def test_oracle_fg_normalised_on_samples(chat):
     assert sums.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert sums.std().item() == pytest.approx(1.0, abs=1e-5)
     raw = reward.gold_rewards(chat, idx, real, resp, dense=True)
-    neutral = resp & (raw == 0)
-    c = raw.sum() / resp.sum()  # mean raw reward per token, < 0: so a neutral token earns +|c|/s
-    s = (raw.sum(1) - c * resp.sum(1)).std()
-    torch.testing.assert_close(r[neutral], (-c / s).expand(int(neutral.sum())), atol=1e-6, rtol=0)
+    s = raw.sum(1).std()
+    torch.testing.assert_close(r[:, :-1], raw[:, :-1] / s, atol=1e-6, rtol=0)  # left padding: the eot is last
     assert (r[~resp] == 0).all()
+    final = reward.reward_fn("oracle_ppo", "unused", chat, samples, reward.RMConfig(), "cpu")
+    torch.testing.assert_close(final(idx, real, resp).sum(1), sums, atol=1e-5, rtol=0)
 
 
 def test_oracle_ppo_reward_sits_on_the_eot_standardised(chat):

@@ -100,8 +100,10 @@ def test_end_to_end_outputs_and_schema(ref):
     assert "judge_score" in res["methods"]["sft"]
     for m in METHODS:
         r = res["methods"][m]
-        for k in ("win_rate", "win_rate_ci95", "judge_score", "per_seed"):
+        for k in ("win_rate", "win_rate_ci95", "judge_score", "per_seed", "kl", "explained_var", "explained_var_early",
+                  "mean_length", "wrong_first", "wrong_middle", "wrong_last"):
             assert k in r, (m, k)
+        assert 1 < r["mean_length"] <= 41 and r["explained_var"] <= 1  # max_new_tokens=40, plus the eot
         lo, hi = r["win_rate_ci95"]
         assert 0.0 <= lo <= r["win_rate"] <= hi <= 1.0, (m, r["win_rate"], lo, hi)
         assert [s["seed"] for s in r["per_seed"]] == [SEED]
@@ -116,8 +118,26 @@ def test_end_to_end_outputs_and_schema(ref):
     assert all(isinstance(v, float) for v in res["timing_s"]["stages"].values())
     for m in METHODS:  # where each PPO run spent its time
         split = res["timing_s"]["ppo_parts"][m]
-        assert set(split) == {"sample", "policy", "ref", "reward", "update", "curve", "final_eval"}
+        assert set(split) == {"sample", "policy", "ref", "reward", "update", "curve", "critic_warmup", "final_eval"}
         assert all(v > 0 for v in split.values()), split
+
+
+def test_sweep_runs_every_point_and_picks_each_methods_best(ref, tmp_path):
+    """--sweep over two PPO keys: every point of the grid gets its own folder and results,
+    sharing the first point's SFT model and reward models (copied, not retrained);
+    sweep.json names each method's best point by win rate; a point equals a plain run of
+    its settings (lam=0.95, beta=0.05 are the reference run's)."""
+    out = str(tmp_path / "sweep")
+    p = ok(run(out, "--sweep=lam:0.95,1 beta:0.05", "--jobs=2", timeout=900))
+    names = ["lam=0.95,beta=0.05", "lam=1,beta=0.05"]
+    s = json.load(open(os.path.join(out, "sweep.json")))
+    assert s["points"] == names and set(s["best"]) == set(METHODS)
+    for m in METHODS:
+        assert s["best"][m] == max(names, key=lambda n: s["methods"][m][n]["win_rate"])
+    assert p.stdout.count("sft step") == 4  # SFT trained once (4 log lines), then copied
+    assert "sweep: best point per method" in p.stdout and os.path.isfile(os.path.join(out, "sweep.md"))
+    assert results(os.path.join(out, names[1]))["config"]["lam"] == 1.0
+    assert comparable(results(os.path.join(out, names[0]))) == comparable(results(ref[0]))
 
 
 def test_determinism_same_seed_same_results(ref, tmp_path):
