@@ -57,7 +57,7 @@ from reward import final_token_rewards
 
 @dataclass
 class PPOConfig:
-    ppo_iters: int = 60         # policy updates (each one rollout batch)
+    ppo_iters: int = 80         # policy updates (each one rollout batch); the tuned runs flatten by 60-80
     rollout_batch: int = 64     # prompts sampled per iteration
     ppo_epochs: int = 2         # passes over each rollout batch
     minibatch: int = 16         # sequences per gradient step
