@@ -126,17 +126,17 @@ def test_sweep_runs_every_point_and_picks_each_methods_best(ref, tmp_path):
     """--sweep over two PPO keys: every point of the grid gets its own folder and results,
     sharing the first point's SFT model and reward models (copied, not retrained);
     sweep.json names each method's best point by win rate; a point equals a plain run of
-    its settings (lam=0.95, beta=0.05 are the reference run's)."""
+    its settings (ppo_epochs=2, minibatch=4 are the reference run's)."""
     out = str(tmp_path / "sweep")
-    p = ok(run(out, "--sweep=lam:0.95,1 beta:0.05", "--jobs=2", timeout=900))
-    names = ["lam=0.95,beta=0.05", "lam=1,beta=0.05"]
+    p = ok(run(out, "--sweep=ppo_epochs:2,1 minibatch:4", "--jobs=2", timeout=900))
+    names = ["ppo_epochs=2,minibatch=4", "ppo_epochs=1,minibatch=4"]
     s = json.load(open(os.path.join(out, "sweep.json")))
     assert s["points"] == names and set(s["best"]) == set(METHODS)
     for m in METHODS:
         assert s["best"][m] == max(names, key=lambda n: s["methods"][m][n]["win_rate"])
     assert p.stdout.count("sft step") == 4  # SFT trained once (4 log lines), then copied
     assert "sweep: best point per method" in p.stdout and os.path.isfile(os.path.join(out, "sweep.md"))
-    assert results(os.path.join(out, names[1]))["config"]["lam"] == 1.0
+    assert results(os.path.join(out, names[1]))["config"]["ppo_epochs"] == 1
     assert comparable(results(os.path.join(out, names[0]))) == comparable(results(ref[0]))
 
 
