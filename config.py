@@ -12,7 +12,10 @@ are generated from the fields, their types and their comments.
 import argparse
 import dataclasses
 import inspect
+import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -31,8 +34,9 @@ class Config:
     device: str = "auto"         # auto = cuda -> mps -> cpu
     # corpus and tokenizer
     n_sft: int = 20000           # (prompt, noisy response) examples in the SFT corpus
-    tokenizer: str = "bpe"       # bpe (trained here) | gpt2 (needs tiktoken's files)
     vocab_size: int = 512        # of the trained BPE, specials included
+    init: str = ""               # a GPT-2 checkpoint directory to start from: its weights, sizes and
+                                 # encoding replace n_layer, n_head, n_embd, vocab_size (see README)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -74,7 +78,7 @@ PRESETS = {
     "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
                 sft_lr=1e-3, warmup=200),
 }
-CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
+CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
 MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
 
 
@@ -156,3 +160,30 @@ def sweep_values(cfgs):
         return section, key, texts, [flag_type(key, type(getattr(cfgs[section], key)))(v) for v in texts]
     except argparse.ArgumentTypeError as e:
         sys.exit(f"error: --sweep={cfgs[Config].sweep}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# The output folder of a run: its config.json, and the files --force deletes
+
+OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
+           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
+
+
+def prepare_out(out, config, force):
+    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
+    another config is refused. Then config.json records this run's config."""
+    os.makedirs(out, exist_ok=True)
+    cpath = os.path.join(out, "config.json")
+    if force:
+        for name in OUTPUTS:
+            p = os.path.join(out, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+    elif os.path.exists(cpath):
+        old = json.load(open(cpath))
+        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
+        if changed:
+            sys.exit(f"error: {out} holds a run with a different config ("
+                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
+                     + "); use another --out, or --force to start over")
+    data.write_json(config, cpath)

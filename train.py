@@ -37,8 +37,8 @@ import evaluation
 import ppo
 import reward
 import tokenizer as tok
-from config import SECTIONS, Config, parse_args, sweep_values
-from model import GPT, GPTConfig, autocast, load_gpt, pick_device, save_atomic
+from config import SECTIONS, Config, parse_args, prepare_out, sweep_values
+from model import GPT, GPTConfig, autocast, gpt2_files, load_gpt, pick_device, save_atomic
 from workers import parallel, processes
 from world import make_world
 
@@ -54,13 +54,11 @@ def skip(cfg, path):
 
 
 def stage_tokenizer(cfg, world):
-    """The BPE of this run, trained on the world's text once and then read from its file."""
+    """The encoding of this run, GPT-2's with --init, else a BPE trained on the world's text;
+    made once, then read from its file."""
     path = os.path.join(cfg.out, "tokenizer.tiktoken")
-    texts = world.tokenizer_texts(cfg.n_sft, cfg.seed) if cfg.tokenizer == "bpe" and not os.path.exists(path) else None
-    try:
-        return tok.get_tokenizer(cfg.tokenizer, texts=texts, path=path, vocab_size=cfg.vocab_size)
-    except RuntimeError as e:  # tokenizer=gpt2 without its files
-        sys.exit(f"error: {e}")
+    texts = world.tokenizer_texts(cfg.n_sft, cfg.seed) if not cfg.init and not os.path.exists(path) else None
+    return tok.get_tokenizer(path, texts, cfg.vocab_size, cfg.init)
 
 
 def get_lr(it, cfg):
@@ -108,9 +106,11 @@ def stage_sft(cfg, world, chat, device):
     val, train = examples[:n_val], examples[n_val:]
 
     torch.manual_seed(cfg.seed)
-    margs = dict(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                 n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(GPTConfig(**margs)).to(device)
+    if cfg.init:  # GPT-2's weights, its rows grown by our special tokens
+        model = GPT.from_pretrained(cfg.init, chat.enc.n_vocab, cfg.block_size).to(device)
+    else:
+        model = GPT(GPTConfig(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
     print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {chat.enc.n_vocab}")
 
@@ -153,7 +153,8 @@ def stage_sft(cfg, world, chat, device):
         metrics["corpus"] = data.error_rates([p for p, _ in corpus[:2000]], [r for _, r in corpus[:2000]])
         print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
     data.write_json(metrics, os.path.join(cfg.out, "sft", "metrics.json"))
-    save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
+    save_atomic({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                 "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
 
 
 def stage_prefs(cfg, world, chat, device):
@@ -287,30 +288,6 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_use
 # -----------------------------------------------------------------------------
 # Main: the stages in order
 
-OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
-           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
-
-
-def prepare_out(out, config, force):
-    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
-    another config is refused. Then config.json records this run's config."""
-    os.makedirs(out, exist_ok=True)
-    cpath = os.path.join(out, "config.json")
-    if force:
-        for name in OUTPUTS:
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
-    elif os.path.exists(cpath):
-        old = json.load(open(cpath))
-        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
-        if changed:
-            sys.exit(f"error: {out} holds a run with a different config ("
-                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
-                     + "); use another --out, or --force to start over")
-    data.write_json(config, cpath)
-
-
 def run(cfgs, force, preset):
     """The pipeline once, for one config."""
     cfg, world_cfg, rmc, pc = (cfgs[c] for c in SECTIONS)
@@ -318,6 +295,8 @@ def run(cfgs, force, preset):
     try:  # your data is read and checked before anything is written
         device = pick_device(cfg.device)
         world = make_world(cfg, world_cfg, device)
+        if cfg.init:
+            gpt2_files(cfg.init)
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     if not world.gold and any(m.startswith("oracle") for m in methods):
