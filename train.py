@@ -1,8 +1,8 @@
 """
 The whole pipeline of fine-grained RLHF from minimal edits, one straight line:
 
-    0. tokenizer  a BPE trained on the world's text                            -> tokenizer.tiktoken
-    1. sft        a GPT on the noisy toy corpus (or on your chosen responses)   -> sft/
+    0. tokenizer  a BPE trained on the world's text (GPT-2's with --init)       -> tokenizer.tiktoken
+    1. sft        a GPT (or GPT-2's weights) on the corpus or your responses    -> sft/
     2. prefs      two SFT samples per prompt, judge picks, annotator edits      -> prefs.jsonl, prefs/
     3. rm         token-level RM (diff labels) and sequence-level BT RMs        -> rm/
     4. ppo        PPO (sequence reward) and fine-grained PPO (token rewards)    -> ppo/
