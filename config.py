@@ -35,8 +35,9 @@ class Config:
     device: str = "auto"         # auto = cuda -> mps -> cpu
     # corpus and tokenizer
     n_sft: int = 20000           # (prompt, noisy response) examples in the SFT corpus
-    tokenizer: str = "bpe"       # bpe (trained here) | gpt2 (needs tiktoken's files)
     vocab_size: int = 512        # of the trained BPE, specials included
+    init: str = ""               # a GPT-2 checkpoint directory to start from: its weights, sizes and
+                                 # encoding replace n_layer, n_head, n_embd, vocab_size (see README)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -88,7 +89,7 @@ PRESETS = {
 # and the whole table). Methods not listed were not tuned and run with the flat settings.
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05)}
-CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "tokenizer": ["bpe", "gpt2"], "rm_scheme": list(reward.SCHEMES)}
+CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
 MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
 
 

@@ -14,6 +14,7 @@ Notation used in the shape comments:
     nh number of heads, hs head size (C // nh).
 """
 
+import json
 import math
 import os
 from contextlib import nullcontext
@@ -55,7 +56,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)  # GPT-2 was trained with the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -119,6 +120,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0      # 0 for this data size; RL turns it off in any case
     bias: bool = True         # bias in Linears and LayerNorms, as GPT-2
+    gelu: str = "none"        # exact GELU (nanoGPT); "tanh" for GPT-2's weights (its gelu_new)
 
 
 class GPT(nn.Module):
@@ -148,6 +150,45 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, path, vocab_size=None, block_size=None):
+        """A GPT with the weights of a local Hugging Face GPT-2 checkpoint directory (config.json
+        and model.safetensors or pytorch_model.bin; `gpt2_files` says what to download). The
+        vocabulary grows to vocab_size (our special tokens after GPT-2's), each new row the mean
+        of the pretrained ones: a token the model has never seen starts as an average token, and
+        as the output rows are tied, with the average logit. block_size crops the position table.
+        No transformers at run time: the tensors are read directly and renamed."""
+        gpt2_files(path)
+        hf = json.load(open(os.path.join(path, "config.json")))
+        assert hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "our LayerNorms use eps 1e-5, as GPT-2"
+        act = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}[hf.get("activation_function", "gelu_new")]
+        config = GPTConfig(block_size=block_size or hf["n_positions"], vocab_size=vocab_size or hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], gelu=act)
+        assert config.block_size <= hf["n_positions"], f"block_size {config.block_size} > GPT-2's {hf['n_positions']} positions"
+        assert config.vocab_size >= hf["vocab_size"], "the vocabulary may grow, not shrink"
+        f = os.path.join(path, "model.safetensors")
+        if os.path.exists(f):
+            from safetensors.torch import load_file
+            sd = load_file(f)
+        else:
+            sd = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        ours = {}
+        for k, v in sd.items():
+            k = k.removeprefix("transformer.")  # the hub's gpt2 has no prefix, save_pretrained writes one
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+                continue  # the causal-mask buffers of old checkpoints; the head is tied to wte
+            # HF's Conv1D stores a Linear's weight as (in, out): y = x @ W + b; nn.Linear wants (out, in)
+            if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                v = v.t()
+            ours["transformer." + k] = v.float().contiguous()
+        wte = ours["transformer.wte.weight"]  # (V_gpt2, C) -> (vocab_size, C)
+        new_rows = wte.mean(0, keepdim=True).expand(config.vocab_size - wte.size(0), -1)
+        ours["transformer.wte.weight"] = ours["lm_head.weight"] = torch.cat([wte, new_rows])
+        ours["transformer.wpe.weight"] = ours["transformer.wpe.weight"][:config.block_size]
+        model = cls(config)
+        model.load_state_dict(ours)  # strict: every parameter of ours is in the checkpoint, and only those
+        return model
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
@@ -284,6 +325,15 @@ def save_atomic(obj, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def gpt2_files(path):
+    """Raise ValueError with one line saying what to download unless path holds a GPT-2
+    checkpoint directory (config.json, weights, and vocab.json + merges.txt for the encoding)."""
+    have = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if not {"config.json", "vocab.json", "merges.txt"} <= have or not have & {"model.safetensors", "pytorch_model.bin"}:
+        raise ValueError(f"--init={path}: no GPT-2 checkpoint there; download one with `huggingface-cli download gpt2 "
+                         f"config.json model.safetensors vocab.json merges.txt --local-dir {path}`")
 
 
 def load_gpt(path, device):

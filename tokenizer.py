@@ -10,7 +10,7 @@ References: Sennrich et al. 2016 (BPE for subwords); Radford et al. 2019 (GPT-2:
 byte-level BPE + split pattern); Karpathy's minbpe.
 
 Usage:
-    enc = get_tokenizer("bpe", texts=corpus, path="out/tokenizer.tiktoken")
+    enc = get_tokenizer("out/tokenizer.tiktoken", texts=corpus)   # or init=a GPT-2 checkpoint dir
     ids = enc.encode_ordinary(user_text)    # plain text: specials are NOT parsed
     sp = special_ids(enc)                   # callers insert special ids directly:
     # [sp["<|user|>"]] + ids(prompt) + [sp["<|assistant|>"]] + ids(response) + [sp["<|endoftext|>"]]
@@ -23,6 +23,7 @@ as a special would let data inject control tokens; tiktoken's plain `encode`
 would raise. encode_ordinary treats it as ordinary bytes, and decode round-trips.
 """
 import base64
+import json
 import os
 from collections import Counter, defaultdict
 
@@ -110,36 +111,48 @@ def load_ranks(path: str) -> dict[bytes, int]:
         return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in f if line.strip())}
 
 
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 encoding plus <|user|>, <|assistant|>, <|pad|> after <|endoftext|> (50256)."""
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # ConnectionError, HTTPError, ... all mean "files not available"
-        raise RuntimeError(
-            "tokenizer=gpt2 needs tiktoken's GPT-2 files, which could not be downloaded (no network?); "
-            "use tokenizer=bpe (the default) or pre-cache them via TIKTOKEN_CACHE_DIR"
-        ) from e
-    eot = enc.eot_token
-    specials = {s: eot + i for i, s in enumerate(SPECIALS)}
-    return tiktoken.Encoding("gpt2_chat", pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
-                             special_tokens=specials)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from the 256 bytes to printable characters, in which vocab.json and
+    merges.txt spell byte-level tokens: printable Latin-1 bytes stand for themselves, the
+    other 68 (control bytes, space, ...) become chr(256), chr(257), ... in byte order (so
+    the space byte is "Ġ")."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
-def get_tokenizer(kind: str, texts: list[str] | None = None, path: str | None = None,
-                  vocab_size: int = 512) -> tiktoken.Encoding:
-    """kind="bpe": load ranks from path if it exists (delete it to retrain), else train on texts
-    and save to path; kind="gpt2": GPT-2's vocabulary (needs its files, see gpt2_encoding)."""
-    if kind == "bpe":
-        if path is not None and os.path.exists(path):
-            return build_encoding(load_ranks(path))
-        assert texts is not None, "tokenizer=bpe needs texts to train on (or an existing path)"
-        ranks = train_bpe(texts, vocab_size)
-        if path is not None:
-            save_ranks(ranks, path)
-        return build_encoding(ranks)
-    if kind == "gpt2":
-        return gpt2_encoding()
-    raise ValueError(f"unknown tokenizer {kind!r}; allowed values: 'bpe', 'gpt2'")
+def gpt2_ranks(path: str) -> dict[bytes, int]:
+    """{token bytes: id} of a Hugging Face GPT-2 tokenizer directory (vocab.json + merges.txt),
+    <|endoftext|> left out: build_encoding() puts it back at the id after the last token.
+
+    tiktoken ranks a merge by the id of the merged token, Hugging Face by the merge's line in
+    merges.txt; the two give the same tokens when ids increase along merges.txt, as GPT-2's
+    do (a vocabulary trained by BPE numbers its tokens in the order they were made)."""
+    byte = {c: b for b, c in bytes_to_unicode().items()}
+    spell = lambda s: bytes(byte[c] for c in s)
+    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    ranks = {spell(s): i for s, i in vocab.items() if s != "<|endoftext|>"}
+    with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+        merges = [line.split() for line in f if line.strip() and not line.startswith("#version")]
+    made = [vocab[a + b] for a, b in merges]
+    if sorted(ranks.values()) != list(range(len(ranks))) or vocab.get("<|endoftext|>", len(ranks)) != len(ranks) \
+            or made != sorted(made):
+        raise ValueError(f"{path}: vocab.json/merges.txt are not laid out as GPT-2's (ids 0..n-1, <|endoftext|> = n, "
+                         "ids increasing along merges.txt)")
+    return ranks
+
+
+def get_tokenizer(path: str, texts: list[str] | None = None, vocab_size: int = 512,
+                  init: str = "") -> tiktoken.Encoding:
+    """The encoding of a run: read from path if it exists (delete it to retrain); else GPT-2's
+    (from the checkpoint directory init, see gpt2_ranks) or a BPE trained on texts, saved to path."""
+    if os.path.exists(path):
+        return build_encoding(load_ranks(path))
+    assert init or texts is not None, "a new BPE needs texts to train on"
+    ranks = gpt2_ranks(init) if init else train_bpe(texts, vocab_size)
+    save_ranks(ranks, path)
+    return build_encoding(ranks)
 
 
 def special_ids(enc: tiktoken.Encoding) -> dict[str, int]:

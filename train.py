@@ -1,8 +1,8 @@
 """
 The whole pipeline of fine-grained RLHF from minimal edits, one straight line:
 
-    0. tokenizer  a BPE trained on the world's text                            -> tokenizer.tiktoken
-    1. sft        a GPT on the noisy toy corpus (or on your chosen responses)   -> sft/
+    0. tokenizer  a BPE trained on the world's text (GPT-2's with --init)       -> tokenizer.tiktoken
+    1. sft        a GPT (or GPT-2's weights) on the corpus or your responses    -> sft/
     2. prefs      two SFT samples per prompt, judge picks, annotator edits      -> prefs.jsonl, prefs/
     3. rm         token-level RM (diff labels) and sequence-level BT RMs        -> rm/
     4. ppo        PPO (sequence reward) and fine-grained PPO (token rewards)    -> ppo/
@@ -39,7 +39,7 @@ import ppo
 import reward
 import tokenizer as tok
 from config import SECTIONS, Config, parse_args, prepare_out, sweep_grid
-from model import GPT, GPTConfig, autocast, load_gpt, pick_device, save_atomic
+from model import GPT, GPTConfig, autocast, gpt2_files, load_gpt, pick_device, save_atomic
 from workers import parallel, processes
 from world import make_world
 
@@ -55,13 +55,11 @@ def skip(cfg, path):
 
 
 def stage_tokenizer(cfg, world):
-    """The BPE of this run, trained on the world's text once and then read from its file."""
+    """The encoding of this run, GPT-2's with --init, else a BPE trained on the world's text;
+    made once, then read from its file."""
     path = os.path.join(cfg.out, "tokenizer.tiktoken")
-    texts = world.tokenizer_texts(cfg.n_sft, cfg.seed) if cfg.tokenizer == "bpe" and not os.path.exists(path) else None
-    try:
-        return tok.get_tokenizer(cfg.tokenizer, texts=texts, path=path, vocab_size=cfg.vocab_size)
-    except RuntimeError as e:  # tokenizer=gpt2 without its files
-        sys.exit(f"error: {e}")
+    texts = world.tokenizer_texts(cfg.n_sft, cfg.seed) if not cfg.init and not os.path.exists(path) else None
+    return tok.get_tokenizer(path, texts, cfg.vocab_size, cfg.init)
 
 
 def get_lr(it, cfg):
@@ -109,9 +107,11 @@ def stage_sft(cfg, world, chat, device):
     val, train = examples[:n_val], examples[n_val:]
 
     torch.manual_seed(cfg.seed)
-    margs = dict(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                 n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(GPTConfig(**margs)).to(device)
+    if cfg.init:  # GPT-2's weights, its rows grown by our special tokens
+        model = GPT.from_pretrained(cfg.init, chat.enc.n_vocab, cfg.block_size).to(device)
+    else:
+        model = GPT(GPTConfig(vocab_size=chat.enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
     print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {chat.enc.n_vocab}")
 
@@ -154,7 +154,8 @@ def stage_sft(cfg, world, chat, device):
         metrics["corpus"] = data.error_rates([p for p, _ in corpus[:2000]], [r for _, r in corpus[:2000]])
         print("sft: " + " | ".join(f"{k} {v:.3f} (corpus {metrics['corpus'][k]:.3f})" for k, v in metrics["samples"].items()))
     data.write_json(metrics, os.path.join(cfg.out, "sft", "metrics.json"))
-    save_atomic({"model": model.state_dict(), "model_args": margs, "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
+    save_atomic({"model": model.state_dict(), "model_args": dataclasses.asdict(model.config),
+                 "config": dataclasses.asdict(cfg)}, path)  # last: marks the stage done
 
 
 def stage_prefs(cfg, world, chat, device):
@@ -305,6 +306,8 @@ def prepare(cfgs, pcs, force, preset):
     try:  # your data is read and checked before anything is written
         device = pick_device(cfg.device)
         world = make_world(cfg, world_cfg, device)
+        if cfg.init:
+            gpt2_files(cfg.init)
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
     if not world.gold and any(m.startswith("oracle") for m in methods):

@@ -129,7 +129,7 @@ class RecordsWorld:
     def judge(self):
         """(judge RM, Chat), loaded once, when first needed (after the judge stage wrote it)."""
         c = self.cfg
-        chat = tok.Chat(tok.get_tokenizer(c.tokenizer, path=os.path.join(c.out, "tokenizer.tiktoken")),
+        chat = tok.Chat(tok.get_tokenizer(os.path.join(c.out, "tokenizer.tiktoken")),
                         c.block_size, c.max_new_tokens)
         return reward.load_rm(os.path.join(c.out, "rm", "judge.pt"), self.device)[0], chat
 

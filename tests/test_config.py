@@ -60,7 +60,7 @@ def test_space_separated_flags_equal_the_equals_form():
     ("--seeds=0", ["--seeds=0 must be at least 1"]),
     ("--n_judge=1", ["--n_judge=1 must be at least 2"]),
     ("--device=tpu", ["--device", "tpu", "auto", "cpu", "cuda", "mps"]),
-    ("--tokenizer=xyz", ["--tokenizer", "bpe", "gpt2"]),
+    ("--rm_scheme=xyz", ["--rm_scheme", "bad_vs_rest", "paper"]),
     ("--methods=ppo,nope", ["nope", "fg_ppo", "oracle_fg"]),
     ("--max_new_tokens=500", ["--max_new_tokens must be smaller than --block_size"]),
     ("--bet=0.1", ["--bet=0.1", "valid keys", "--beta"]),  # no abbreviations

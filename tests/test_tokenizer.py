@@ -1,4 +1,5 @@
 """Tests for tokenizer.py: BPE training, tiktoken agreement, save/load, specials."""
+import json
 import os
 import random
 import sys
@@ -181,35 +182,26 @@ def test_early_stop_when_no_pair_repeats():
 
 
 def test_get_tokenizer(tmp_path, corpus, ranks):
-    """get_tokenizer('bpe') trains+saves then reloads; unknown kinds raise ValueError naming the options."""
+    """get_tokenizer trains and saves a BPE, then reloads it from its file without texts."""
     path = str(tmp_path / "sub" / "bpe.tiktoken")
-    enc = T.get_tokenizer("bpe", texts=corpus, path=path, vocab_size=VOCAB)
+    enc = T.get_tokenizer(path, texts=corpus, vocab_size=VOCAB)
     assert os.path.exists(path) and T.load_ranks(path) == ranks
-    enc2 = T.get_tokenizer("bpe", path=path)  # loads, no texts needed
+    enc2 = T.get_tokenizer(path)  # loads, no texts needed
     assert enc2.encode_ordinary(corpus[0]) == enc.encode_ordinary(corpus[0])
-    with pytest.raises(ValueError, match="'bpe'.*'gpt2'"):
-        T.get_tokenizer("nope")
 
 
-def test_gpt2_unavailable_raises_runtime_error(monkeypatch):
-    """Without GPT-2's files, gpt2_encoding raises a clear RuntimeError chained to the cause."""
-    def boom(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(tiktoken, "get_encoding", boom)
-    with pytest.raises(RuntimeError, match="tokenizer=bpe") as info:
-        T.get_tokenizer("gpt2")
-    assert isinstance(info.value.__cause__, ConnectionError)
-
-
-def test_gpt2_specials_layout(monkeypatch, ranks):
-    """gpt2_encoding keeps <|endoftext|>'s id and appends the other specials right after it."""
-    eot = len(ranks)  # a stand-in for GPT-2 (eot 50256), so the test needs no network
-    fake = tiktoken.Encoding("fake", pat_str=T.GPT2_PAT, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": eot})
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake)
-    enc = T.gpt2_encoding()
-    assert T.special_ids(enc) == {s: eot + i for i, s in enumerate(T.SPECIALS)}
-    assert enc.encode_ordinary("The cow is brown.") == fake.encode_ordinary("The cow is brown.")
+def test_gpt2_layout_checked(tmp_path):
+    """vocab.json + merges.txt whose ids do not grow along the merges are refused in one line
+    (tiktoken would merge in another order than Hugging Face); tests/test_gpt2.py checks
+    real files against transformers."""
+    spell = T.bytes_to_unicode()
+    vocab = {spell[b]: b for b in range(256)} | {"ab": 257, "bc": 256, "<|endoftext|>": 258}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\nb c\n")
+    with pytest.raises(ValueError, match="not laid out as GPT-2's"):
+        T.gpt2_ranks(str(tmp_path))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nb c\na b\n")
+    assert T.gpt2_ranks(str(tmp_path))[b"ab"] == 257
 
 
 # -----------------------------------------------------------------------------
