@@ -12,7 +12,10 @@ are generated from the fields, their types and their comments.
 import argparse
 import dataclasses
 import inspect
+import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -156,3 +159,30 @@ def sweep_values(cfgs):
         return section, key, texts, [flag_type(key, type(getattr(cfgs[section], key)))(v) for v in texts]
     except argparse.ArgumentTypeError as e:
         sys.exit(f"error: --sweep={cfgs[Config].sweep}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# The output folder of a run: its config.json, and the files --force deletes
+
+OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
+           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
+UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
+
+
+def prepare_out(out, config, force):
+    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
+    another config is refused. Then config.json records this run's config."""
+    os.makedirs(out, exist_ok=True)
+    cpath = os.path.join(out, "config.json")
+    if force:
+        for name in OUTPUTS:
+            p = os.path.join(out, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+    elif os.path.exists(cpath):
+        old = json.load(open(cpath))
+        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
+        if changed:
+            sys.exit(f"error: {out} holds a run with a different config ("
+                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
+                     + "); use another --out, or --force to start over")
+    data.write_json(config, cpath)

@@ -34,6 +34,10 @@ Choices and simplifications, said plainly:
 - Rewards are normalised once, on SFT samples (reward.fit_norm), not per batch; no adaptive KL
   controller, no entropy bonus, no minibatch-size-independent normalisation beyond
   masked means.
+- Under torchrun (distributed.py) each rank samples its share of every rollout batch and
+  trains on its share of every minibatch; whitening and the logged rollout statistics are
+  over all ranks, and each rank's minibatch loss (a mean over its own tokens) has its
+  gradient averaged over the ranks by DDP, as in CleanRL's multi-GPU PPO.
 """
 
 import os
@@ -46,6 +50,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import distributed as dist
 from model import save_atomic, token_logprobs
 from reward import final_token_rewards
 
@@ -87,14 +92,18 @@ class ActorCritic(nn.Module):
         return token_logprobs(logits, idx, temperature), values.float(), logits
 
 
-def masked_mean(x, mask):
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)  # where, not *: NaN * 0 is NaN
+def masked_mean(x, mask, all_ranks=False):
+    """Mean of x over the valid tokens; all_ranks: of every rank's x together (torchrun; no gradient)."""
+    total, count = torch.where(mask.bool(), x, 0.0).sum(), mask.sum()  # where, not *: NaN * 0 is NaN
+    if all_ranks:
+        total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
+    return total / count.clamp(min=1)
 
 
 def whiten(x, mask, eps=1e-8):
-    """Zero mean, unit variance over the valid tokens; 0 at masked positions."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Zero mean, unit variance over the valid tokens (of every rank's rollouts); 0 at masked positions."""
+    mean = masked_mean(x, mask, all_ranks=True)
+    var = masked_mean((x - mean) ** 2, mask, all_ranks=True)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
@@ -189,20 +198,20 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     advantages = whiten(advantages, resp_mask)
     return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, values=values, rewards=rewards,
                 advantages=advantages, returns=returns,
-                stats={"reward": (score.sum(1)).mean().item(), "kl": kl.sum(1).mean().item(),
-                       "length": resp_mask.sum(1).mean().item(), "truncated": truncated.float().mean().item(),
+                stats={"reward": dist.mean(score.sum(1)).item(), "kl": dist.mean(kl.sum(1)).item(),  # of all ranks
+                       "length": dist.mean(resp_mask.sum(1)).item(), "truncated": dist.mean(truncated.float()).item(),
                        **watch.times})
 
 
 def update(policy, optimizer, batch, cfg, generator=None):
     """Several epochs of clipped PPO over minibatches of a rollout; mean stats of the last epoch."""
     policy.eval()  # dropout stays off: the ratio must be exactly 1 before the first step
-    B = batch["idx"].size(0)
+    B, mb_size = batch["idx"].size(0), cfg.minibatch // dist.world_size  # torchrun: a rank's share of each
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator)
         stats = []
-        for start in range(0, B, cfg.minibatch):
-            mb = perm[start:start + cfg.minibatch]
+        for start in range(0, B, mb_size):
+            mb = perm[start:start + mb_size]
             mb_resp_mask = batch["resp_mask"][mb]
             logp, values, logits = policy(batch["idx"][mb], batch["real"][mb], cfg.temperature)
             pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
@@ -218,10 +227,10 @@ def update(policy, optimizer, batch, cfg, generator=None):
             with torch.no_grad():
                 s["entropy"] = entropy(logits, mb_resp_mask, cfg.temperature).item()
             stats.append(s)
-    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    out = dist.average({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})  # and over the ranks
     b_returns, b_values, m = batch["returns"], batch["values"], batch["resp_mask"].bool()
-    var_y = b_returns[m].var()
-    out["explained_var"] = float("nan") if var_y == 0 else (1 - (b_returns[m] - b_values[m]).var() / var_y).item()
+    var_y = dist.var(b_returns[m])  # over every rank's rollouts
+    out["explained_var"] = float("nan") if var_y == 0 else (1 - dist.var(b_returns[m] - b_values[m]) / var_y).item()
     return out
 
 
@@ -249,12 +258,14 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
         state.update(watch.times)
     else:
         print(f"{name}: resuming at iteration {state['iter']}")
+    ddp_policy = dist.wrap(policy)  # torchrun: update() through it averages the gradients over the ranks
     start = state["iter"]
     for it in tqdm(range(start, cfg.ppo_iters), desc=name, dynamic_ncols=True):
         # the method: sample and score a batch, then a few epochs of clipped updates on it
-        batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens, gen)
+        batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens,
+                        dist.rank_generator(gen))
         watch = Stopwatch(gen.device)
-        stats = update(policy, opt, batch, cfg, cpu_gen)
+        stats = update(ddp_policy, opt, batch, cfg, cpu_gen)
         watch.lap("t_update")
         # the plumbing: learning curve, log, checkpoint
         last = it + 1 == cfg.ppo_iters
@@ -268,7 +279,7 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
                    f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f} | "
                    f"s: sample {row['t_sample']:.2f} policy {row['t_policy']:.2f} ref {row['t_ref']:.2f} "
                    f"reward {row['t_reward']:.2f} update {row['t_update']:.2f} curve {row['t_curve']:.2f}")
-        if (it + 1) % ckpt_every == 0 or last:
+        if ((it + 1) % ckpt_every == 0 or last) and dist.master:
             save_state(path, policy, opt, gen, cpu_gen, rng, state)
         if stop_after and it + 1 == start + stop_after:
             break

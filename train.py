@@ -33,11 +33,12 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed as dist
 import evaluation
 import ppo
 import reward
 import tokenizer as tok
-from config import SECTIONS, Config, parse_args, sweep_values
+from config import SECTIONS, Config, parse_args, prepare_out, sweep_values
 from model import GPT, GPTConfig, autocast, load_gpt, pick_device, save_atomic
 from workers import parallel, processes
 from world import make_world
@@ -80,11 +81,11 @@ def sft_example(chat, prompt, response):
     return (p + r)[:chat.block_size], ([-1] * (len(p) - 1) + r + [-1])[:chat.block_size]
 
 
-def sft_loss(model, batch, pad, device, max_parts=4):
-    """Mean cross-entropy over the targets of a batch of sft_example()s, and its (real,
-    padded) positions. It runs as up to max_parts micro-batches cut by length, so a short
-    answer is not padded to the longest one (tok.split_by_length): the same value and
-    gradient as the whole batch padded at once."""
+def sft_loss(model, batch, pad, device, max_parts=4, n_targets=None):
+    """Mean cross-entropy over the targets of a batch of sft_example()s (the sum over
+    n_targets, if given), and its (real, padded) positions. It runs as up to max_parts
+    micro-batches cut by length, so a short answer is not padded to the longest one
+    (tok.split_by_length): the same value and gradient as the whole batch padded at once."""
     lengths = [len(x) for x, _ in batch]
     loss_sum, real_tokens, padded = 0.0, 0, 0
     for run in tok.split_by_length(lengths, max_parts):
@@ -93,7 +94,7 @@ def sft_loss(model, batch, pad, device, max_parts=4):
         loss_sum = loss_sum + model(idx.to(device), tgt.to(device), mask=real.to(device), reduction="sum")[1]
         n_real = sum(lengths[i] for i in run)  # counted on the host: no GPU sync
         real_tokens, padded = real_tokens + n_real, padded + len(run) * max(lengths[i] for i in run) - n_real
-    return loss_sum / sum(t != -1 for _, y in batch for t in y), real_tokens, padded
+    return loss_sum / (n_targets or sum(t != -1 for _, y in batch for t in y)), real_tokens, padded
 
 
 def stage_sft(cfg, world, chat, device):
@@ -113,6 +114,7 @@ def stage_sft(cfg, world, chat, device):
     model = GPT(GPTConfig(**margs)).to(device)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
     print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {chat.enc.n_vocab}")
+    ddp_model = dist.wrap(model)  # trained through (torchrun: averages the gradients over the ranks)
 
     @torch.no_grad()
     def val_loss():  # mean over chunks of 256 examples
@@ -128,18 +130,26 @@ def stage_sft(cfg, world, chat, device):
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
+        batch = g.sample(train, min(cfg.sft_batch, len(train)))  # the same on every rank
+        # torchrun: a rank's slice, its summed loss over the batch's targets / world_size: DDP's
+        # average of the ranks' gradients is then the one-process gradient of the whole batch
+        n_targets = sum(t != -1 for _, y in batch for t in y) / dist.world_size
         with autocast(device):
-            loss, n_real, n_pad = sft_loss(model, g.sample(train, min(cfg.sft_batch, len(train))), chat.pad, device)
+            loss, n_real, n_pad = sft_loss(ddp_model, dist.shard(batch), chat.pad, device, n_targets=n_targets)
         real_tokens, padded = real_tokens + n_real, padded + n_pad
-        if not torch.isfinite(loss):
-            sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        loss_all = dist.all_reduce_sum(loss.detach()) / dist.world_size  # the batch's loss: same on every rank
+        if not torch.isfinite(loss_all):
+            sys.exit(f"error: sft stopped at step {it}: loss is {loss_all.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        pbar.set_postfix(loss=f"{loss_all.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
-            tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
+            tqdm.write(f"sft step {it + 1} | train loss {loss_all.item():.4f} | val loss {val_loss():.4f}")
+    real_tokens, padded = dist.all_reduce_sum(torch.tensor([real_tokens, padded])).tolist()  # of all ranks
+    if not dist.master:  # rank 0 samples, judges and saves; the others wait at the stage's barrier
+        return
 
     # Fresh samples at temperature 1 (they also fit the reward scales later), and with a gold
     # judge its view of them against the corpus the model learned from.
@@ -180,7 +190,8 @@ def stage_judge(cfg, world, chat, rmc, device):
     torch.manual_seed(cfg.seed)  # the same judge whether or not SFT ran in this process
     rm = reward.train_seq_rm(chat, os.path.join(cfg.out, "sft", "model.pt"), world.judge_records, "chosen",
                              rmc, cfg.seed, device, "judge rm")
-    reward.save_rm(rm, {"center": 0.0, "scale": 1.0}, path)
+    if dist.master:
+        reward.save_rm(rm, {"center": 0.0, "scale": 1.0}, path)
 
 
 def rm_split(cfg, seed):
@@ -205,6 +216,8 @@ def stage_rm(cfg, chat, rmc, seed, name, device):
     else:
         better = {"seq": "chosen", "seq_edits": "edited"}[name]
         rm = reward.train_seq_rm(chat, sft_path, train, better, rmc, seed, device, f"rm {name}")
+    if not dist.master:  # rank 0 fits the scale and saves
+        return
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     sums = reward.response_scores(rm, chat, samples["prompts"], samples["responses"], device)
     lens = [len(chat.response(r)) for r in samples["responses"]]
@@ -244,8 +257,8 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     reward_fn = reward.reward_fn(method, os.path.join(cfg.out, "rm", f"seed{seed}"), chat, samples, rmc, device)
 
-    def next_prompts(rng):
-        return [chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch)]
+    def next_prompts(rng):  # the same batch on every rank (one rng), then this rank's share
+        return dist.shard([chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch)])
 
     def curve_point(it):  # win rate and judge score on the first n_curve evaluation prompts
         wins, rates, _ = evaluation.evaluate(policy.gpt, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
@@ -270,7 +283,7 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_use
     rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
                   if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
     out = evaluation.results(config, seeds, methods, evals, world, ev, rm_metrics, timing)
-    out["processes"] = processes_used
+    out["processes"], out["world_size"] = processes_used, dist.world_size
     data.write_json(out, os.path.join(cfg.out, "results.json"))
     md = evaluation.results_md(out, methods, world, cfg.n_eval, cfg.k_ref)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
@@ -287,50 +300,30 @@ def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_use
 # -----------------------------------------------------------------------------
 # Main: the stages in order
 
-OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
-           "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
-UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
-
-
-def prepare_out(out, config, force):
-    """--force empties the folder of a run's outputs; otherwise a folder holding a run with
-    another config is refused. Then config.json records this run's config."""
-    os.makedirs(out, exist_ok=True)
-    cpath = os.path.join(out, "config.json")
-    if force:
-        for name in OUTPUTS:
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
-    elif os.path.exists(cpath):
-        old = json.load(open(cpath))
-        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
-        if changed:
-            sys.exit(f"error: {out} holds a run with a different config ("
-                     + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
-                     + "); use another --out, or --force to start over")
-    data.write_json(config, cpath)
-
-
 def run(cfgs, force, preset):
     """The pipeline once, for one config."""
     cfg, world_cfg, rmc, pc = (cfgs[c] for c in SECTIONS)
     methods = cfg.methods.split(",")
     try:  # your data is read and checked before anything is written
-        device = pick_device(cfg.device)
+        device = dist.setup(pick_device(cfg.device))  # under torchrun: joins the ranks, cuda:LOCAL_RANK
         world = make_world(cfg, world_cfg, device)
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    dist.check(cfg.jobs, dict(sft_batch=cfg.sft_batch, rm_batch=rmc.rm_batch, rollout_batch=pc.rollout_batch,
+                              minibatch=pc.minibatch))
     if not world.gold and any(m.startswith("oracle") for m in methods):
         sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
     if not world.has_edits:
         methods = [m for m in methods if m == "ppo"]
         print("note: not every record has an 'edited' field, so only the sequence-level method (ppo) runs")
     config = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
-    prepare_out(cfg.out, config, force)
+    dist.on_master(prepare_out, cfg.out, config, force)
+    dist.barrier()  # the other ranks look at the folder once rank 0 has checked (or --force emptied) it
     jobs, threads, job_threads = processes(cfg, device)
     torch.set_num_threads(threads)  # for the stages that run alone; the workers set job_threads
     torch.manual_seed(cfg.seed)
-    print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)")
+    print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)"
+          + (f" | torchrun: {dist.world_size} processes" if dist.ddp else ""))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     rm_names = [n for n in ("token", "seq", "seq_edits") if n in {reward.METHODS[m][0] for m in methods}]
     timing = {}
@@ -338,25 +331,29 @@ def run(cfgs, force, preset):
     def timed(name, f, *args):
         t0 = time.time()
         result = f(*args)
+        dist.barrier()  # torchrun: the next stage starts on every rank when rank 0 has written this one's files
         timing[name] = timing.get(name, 0.0) + time.time() - t0
         return result
 
-    chat = tok.Chat(timed("tokenizer", stage_tokenizer, cfg, world), cfg.block_size, cfg.max_new_tokens)
+    # Every rank runs every stage, in the same order: the training ones data parallel, and
+    # the ones on_master on rank 0 alone (sampling, judging, evaluation, report).
+    chat = tok.Chat(timed("tokenizer", dist.master_first, stage_tokenizer, cfg, world), cfg.block_size,
+                    cfg.max_new_tokens)
     if not world.gold and (n_long := world.count_too_long(chat)):
         print(f"warning: {n_long} record(s) longer than block_size={cfg.block_size} tokens are truncated")
     timed("sft", stage_sft, cfg, world, chat, device)
-    timed("prefs", stage_prefs, cfg, world, chat, device)
+    timed("prefs", dist.on_master, stage_prefs, cfg, world, chat, device)
     if not world.gold:
         timed("judge", stage_judge, cfg, world, chat, rmc, device)
     timed("rm", parallel, [(stage_rm, (cfg, chat, rmc, s, n, device)) for s in seeds for n in rm_names],
           jobs, job_threads)
-    timed("rm", parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device)) for s in seeds
-                           if rm_names], jobs, job_threads)
-    timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
+    timed("rm", dist.on_master, parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device))
+                                           for s in seeds if rm_names], jobs, job_threads)
+    timed("eval_set", dist.on_master, evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
           os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the PPO runs, which all read it
     timed("ppo", parallel, [(stage_ppo, (cfg, world, chat, rmc, pc, m, s, device)) for s in seeds for m in methods],
           jobs, job_threads)
-    timed("report", stage_report, cfg, world, chat, config, seeds, methods, timing,
+    timed("report", dist.on_master, stage_report, cfg, world, chat, config, seeds, methods, timing,
           {"jobs": jobs, "threads": threads, "threads_per_job": job_threads}, device)
 
 
@@ -371,7 +368,7 @@ def sweep(cfgs, force, preset):
     runs, first = {}, os.path.join(cfg.out, f"{key}={values[0]}")
     for v, x in zip(values, parsed):
         sub = os.path.join(cfg.out, f"{key}={v}")
-        for name in shared if v != values[0] and not os.path.exists(sub) else []:
+        for name in shared if v != values[0] and not os.path.exists(sub) and dist.master else []:
             src, dst = os.path.join(first, name), os.path.join(sub, name)
             shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy(src, dst)
         print(f"=== sweep {key}={v} -> {sub}")
@@ -380,19 +377,21 @@ def sweep(cfgs, force, preset):
         one[Config] = dataclasses.replace(one[Config], out=sub, sweep="")
         run(one, force, preset)
         runs[v] = json.load(open(os.path.join(sub, "results.json")))
-    data.write_json({"key": key, "values": values,
-                     "runs": {v: {"methods": r["methods"], "fg_ppo_minus_ppo": r.get("fg_ppo_minus_ppo")}
-                              for v, r in runs.items()}}, os.path.join(cfg.out, "sweep.json"))
-    evaluation.plot_sweep(os.path.join(cfg.out, "headline.png"), key, values, runs)
-    print(f"sweep: {os.path.join(cfg.out, 'headline.png')} and sweep.json written")
+    if dist.master:
+        data.write_json({"key": key, "values": values,
+                         "runs": {v: {"methods": r["methods"], "fg_ppo_minus_ppo": r.get("fg_ppo_minus_ppo")}
+                                  for v, r in runs.items()}}, os.path.join(cfg.out, "sweep.json"))
+        evaluation.plot_sweep(os.path.join(cfg.out, "headline.png"), key, values, runs)
+        print(f"sweep: {os.path.join(cfg.out, 'headline.png')} and sweep.json written")
 
 
 def main(argv):
     cfgs, force, preset = parse_args(argv)
-    try:
-        (sweep if cfgs[Config].sweep else run)(cfgs, force, preset)
-    except FloatingPointError as e:  # a non-finite loss: the stage's last good files are intact
-        sys.exit(f"error: {e}")
+    with dist.stop_all_on_error():  # torchrun: one rank's error stops every rank
+        try:
+            (sweep if cfgs[Config].sweep else run)(cfgs, force, preset)
+        except FloatingPointError as e:  # a non-finite loss: the stage's last good files are intact
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
