@@ -57,8 +57,6 @@ def setup(device):
         dist.init_process_group("nccl", device_id=torch.device(device))
     else:
         dist.init_process_group("gloo")
-    if not master:  # one log, rank 0's; the others' errors still reach the terminal (stop_all_on_error)
-        sys.stdout = sys.stderr = open(os.devnull, "w")
     return device
 
 
@@ -74,16 +72,20 @@ def check(jobs, batches):
 
 @contextmanager
 def stop_all_on_error():
-    """Around a whole run. Under torchrun an error on this rank prints `rank k: message` and
-    exits at once with status 1 (the other ranks may be blocked waiting for this one);
-    torchrun then stops them all. A clean end leaves the process group."""
+    """Around a whole run under torchrun: one log, rank 0's, from the start; an error on any
+    rank prints `rank k: message` and exits at once with status 1 (the other ranks may be
+    blocked waiting for this one), and torchrun then stops them all. A clean end leaves the
+    process group. Nothing changes in one process."""
+    started_as = int(os.environ.get("RANK", -1))  # -1: not started by torchrun
+    if started_as > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         yield
     except BaseException as e:
-        if not ddp or (isinstance(e, SystemExit) and e.code in (None, 0)):
+        if started_as == -1 or (isinstance(e, SystemExit) and e.code in (None, 0)):
             raise
         msg = e.code if isinstance(e, SystemExit) and isinstance(e.code, str) else traceback.format_exc()
-        print(f"rank {rank}: {msg}", file=sys.__stderr__, flush=True)
+        print(f"rank {started_as}: {msg}", file=sys.__stderr__, flush=True)
         os._exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -120,7 +122,8 @@ def shard(items):
 
 def wrap(model):
     """The model whose backward averages the gradients over the ranks (DistributedDataParallel);
-    model itself in one process. Train through it; sample and save with model."""
+    model itself in one process. Train through it, and hold it until backward has run (its
+    hooks do the all-reduce); sample and save with model."""
     return DistributedDataParallel(model) if ddp else model
 
 

@@ -18,6 +18,7 @@ judgements come from. Run:
     python train.py --preset=tiny         # the whole pipeline in about a minute
     python train.py --sft_steps=300 --beta=0.05 --out=runs/x
     python train.py --help                # every flag, by section, with its default
+    torchrun --standalone --nproc_per_node=4 train.py --preset=gpu   # 4 GPUs (README: Several GPUs)
 """
 
 import dataclasses

@@ -113,7 +113,7 @@ def files(out):
 def runs(tmp_path_factory):
     """The small pipeline in one process and under torchrun with 2 processes, side by side: their folders."""
     one, two = (str(tmp_path_factory.mktemp(n) / "run") for n in ("one", "two"))
-    args = ["train.py", *SMALL]
+    args = ["train.py", *SMALL, "--methods=ppo,fg_ppo"]  # both reward models' kinds, both reward shapes
     procs = [subprocess.Popen([sys.executable, *args, f"--out={one}"], cwd=ROOT, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE),
              subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
