@@ -46,11 +46,11 @@ def setup(device):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if not ddp or dist.is_initialized():
         return f"cuda:{os.environ['LOCAL_RANK']}" if ddp and device.startswith("cuda") else device
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device={device}: torchrun runs on CUDA (nccl) or on the CPU (gloo)")
+    if device == "mps":
+        raise ValueError("--device=mps: torchrun runs on CUDA (nccl) or on the CPU (gloo)")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     master = rank == 0
-    if device == "cuda":
+    if device.startswith("cuda"):  # whichever GPU was named: each rank takes its own
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
         comm_device = device
