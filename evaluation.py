@@ -296,6 +296,32 @@ def results_md(out, methods, world, n_eval, k_ref):
     return "\n".join(lines + world.notes()) + "\n"
 
 
+def report(cfg, world, chat, config, seeds, methods, timing, processes, device):
+    """Stage 5 of the pipeline: each finished policy evaluated (final_eval), then results.json
+    (with the processes it ran with), results.md, the plots and the token-reward HTML of the run in cfg.out."""
+    sft_path = os.path.join(cfg.out, "sft", "model.pt")
+    ev = eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
+    sft = load_gpt(sft_path, device)
+    evals = {m: [final_eval(os.path.join(cfg.out, "ppo", f"{m}_seed{s}.eval.json"),
+                                       os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft, ev, world, chat,
+                                       cfg.seed + 2000, device) for s in seeds] for m in methods}
+    rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
+                  if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
+    out = results(config, seeds, methods, evals, world, chat, ev, rm_metrics, timing)
+    out["processes"] = processes
+    data.write_json(out, os.path.join(cfg.out, "results.json"))
+    md = results_md(out, methods, world, cfg.n_eval, cfg.k_ref)
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(md)
+    plot_curves(cfg.out, evals, methods, cfg.n_curve)
+    token_rm = os.path.join(cfg.out, "rm", f"seed{seeds[0]}", "token.pt")
+    if os.path.exists(token_rm):
+        samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
+        token_rewards_html(os.path.join(cfg.out, "token_rewards.html"), reward.load_rm(token_rm, device)[0],
+                                      samples, world, chat, device)
+    print(md)
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")

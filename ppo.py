@@ -38,6 +38,10 @@ Choices and simplifications, said plainly:
 - Rewards are normalised once, on SFT samples (reward.fit_norm), not per batch; no adaptive KL
   controller, no entropy bonus, no minibatch-size-independent normalisation beyond
   masked means.
+- Under torchrun (distributed.py) each rank samples its share of every rollout batch and
+  trains on its share of every minibatch; whitening and the logged rollout statistics are
+  over all ranks, and each rank's minibatch loss (a mean over its own tokens) has its
+  gradient averaged over the ranks by DDP, as in CleanRL's multi-GPU PPO.
 """
 
 import copy
@@ -51,6 +55,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import distributed as dist
 from model import save_atomic, token_logprobs
 from reward import final_token_rewards
 
@@ -96,14 +101,18 @@ class ActorCritic(nn.Module):
         return token_logprobs(logits, idx, temperature), values.float(), logits
 
 
-def masked_mean(x, mask):
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)  # where, not *: NaN * 0 is NaN
+def masked_mean(x, mask, all_ranks=False):
+    """Mean of x over the valid tokens; all_ranks: of every rank's x together (torchrun; no gradient)."""
+    total, count = torch.where(mask.bool(), x, 0.0).sum(), mask.sum()  # where, not *: NaN * 0 is NaN
+    if all_ranks:
+        total, count = dist.all_reduce_sum(total), dist.all_reduce_sum(count)
+    return total / count.clamp(min=1)
 
 
 def whiten(x, mask, eps=1e-8):
-    """Zero mean, unit variance over the valid tokens; 0 at masked positions."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Zero mean, unit variance over the valid tokens (of every rank's rollouts); 0 at masked positions."""
+    mean = masked_mean(x, mask, all_ranks=True)
+    var = masked_mean((x - mean) ** 2, mask, all_ranks=True)
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
@@ -198,8 +207,8 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     advantages = whiten(advantages, resp_mask)
     return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, values=values, rewards=rewards,
                 advantages=advantages, returns=returns,
-                stats={"reward": (score.sum(1)).mean().item(), "kl": kl.sum(1).mean().item(),
-                       "length": resp_mask.sum(1).mean().item(), "truncated": truncated.float().mean().item(),
+                stats={"reward": dist.mean(score.sum(1)).item(), "kl": dist.mean(kl.sum(1)).item(),  # of all ranks
+                       "length": dist.mean(resp_mask.sum(1)).item(), "truncated": dist.mean(truncated.float()).item(),
                        **watch.times})
 
 
@@ -207,32 +216,36 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
     """Several epochs of clipped PPO over minibatches of a rollout; mean stats of the last
     epoch. critic_only: the value loss alone (the warm-up); the policy is left unchanged."""
     policy.eval()  # dropout stays off: the ratio must be exactly 1 before the first step
-    B = batch["idx"].size(0)
+    B, mb_size = batch["idx"].size(0), cfg.minibatch // dist.world_size  # torchrun: a rank's share of each
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator)
         stats = []
-        for start in range(0, B, cfg.minibatch):
-            mb = perm[start:start + cfg.minibatch]
+        for start in range(0, B, mb_size):
+            mb = perm[start:start + mb_size]
             mb_resp_mask = batch["resp_mask"][mb]
             logp, values, logits = policy(batch["idx"][mb], batch["real"][mb], cfg.temperature)
             pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
                                           batch["values"][mb], batch["returns"][mb], mb_resp_mask,
                                           cfg.clip_eps, cfg.clip_vf)
-            loss = v_loss if critic_only else pg_loss + v_loss  # separate parameters: no weight needed
+            # separate parameters: no weight needed. The warm-up keeps 0 x the policy loss, so that
+            # every parameter has a gradient (as DDP requires), and then drops the policy's below
+            loss = (0.0 if critic_only else 1.0) * pg_loss + v_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss ({loss.item()})")
             optimizer.zero_grad(set_to_none=True)  # a parameter without a gradient is not stepped
             loss.backward()
+            for p in optimizer.param_groups[0]["params"] if critic_only else []:  # group 0: the policy (train)
+                p.grad = None  # no gradient: AdamW neither moves the policy nor counts a step for it
             for group in optimizer.param_groups:  # the policy and the critic, each clipped on its own
                 nn.utils.clip_grad_norm_(group["params"], cfg.ppo_grad_clip)
             optimizer.step()
             with torch.no_grad():
                 s["entropy"] = entropy(logits, mb_resp_mask, cfg.temperature).item()
             stats.append(s)
-    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    out = dist.average({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})  # and over the ranks
     b_returns, b_values, m = batch["returns"], batch["values"], batch["resp_mask"].bool()
-    var_y = b_returns[m].var()
-    out["explained_var"] = float("nan") if var_y == 0 else (1 - (b_returns[m] - b_values[m]).var() / var_y).item()
+    var_y = dist.var(b_returns[m])  # over every rank's rollouts
+    out["explained_var"] = float("nan") if var_y == 0 else (1 - dist.var(b_returns[m] - b_values[m]) / var_y).item()
     return out
 
 
@@ -256,14 +269,16 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     cpu_gen = torch.Generator().manual_seed(seed)  # minibatch order
     rng = random.Random(seed)                      # prompts
     state = load_state(path, policy, opt, gen, cpu_gen, rng)
+    ddp_policy = dist.wrap(policy)  # torchrun: update() through it averages the gradients over the ranks
     if state is None:
         watch = Stopwatch(gen.device)
         state = {"iter": 0, "log": [], "curve": [curve_point(0)], "warmup_explained_var": []}
         watch.lap("t_curve0")  # the learning curve's first point, before iteration 1
         for _ in range(cfg.vf_warmup):  # the critic learns the SFT policy's values before any policy step
-            batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens, gen)
+            batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens,
+                            dist.rank_generator(gen))
             state["warmup_explained_var"].append(
-                update(policy, opt, batch, cfg, cpu_gen, critic_only=True)["explained_var"])
+                update(ddp_policy, opt, batch, cfg, cpu_gen, critic_only=True)["explained_var"])
         watch.lap("t_warmup")
         state.update(watch.times)
     else:
@@ -271,9 +286,10 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     start = state["iter"]
     for it in tqdm(range(start, cfg.ppo_iters), desc=name, dynamic_ncols=True):
         # the method: sample and score a batch, then a few epochs of clipped updates on it
-        batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens, gen)
+        batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens,
+                        dist.rank_generator(gen))
         watch = Stopwatch(gen.device)
-        stats = update(policy, opt, batch, cfg, cpu_gen)
+        stats = update(ddp_policy, opt, batch, cfg, cpu_gen)
         watch.lap("t_update")
         # the plumbing: learning curve, log, checkpoint
         last = it + 1 == cfg.ppo_iters
@@ -287,7 +303,7 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
                    f"clipfrac {row['clipfrac']:.3f} | entropy {row['entropy']:.3f} | len {row['length']:.1f} | "
                    f"s: sample {row['t_sample']:.2f} policy {row['t_policy']:.2f} ref {row['t_ref']:.2f} "
                    f"reward {row['t_reward']:.2f} update {row['t_update']:.2f} curve {row['t_curve']:.2f}")
-        if (it + 1) % ckpt_every == 0 or last:
+        if ((it + 1) % ckpt_every == 0 or last) and dist.master:
             save_state(path, policy, opt, gen, cpu_gen, rng, state)
         if stop_after and it + 1 == start + stop_after:
             break

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import data
 import diff_labels
+import distributed as dist
 import tokenizer as tok
 from model import GPT, GPTConfig, autocast, load_gpt, save_atomic
 
@@ -172,11 +173,11 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     for it in pbar:
         for group in opt.param_groups:  # short warmup, then constant
             group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
-        batch = g.sample(range(n), min(rmc.rm_batch, n))
+        batch = dist.shard(g.sample(range(n), min(rmc.rm_batch, n)))  # torchrun: this rank's slice
         with autocast(device):
             sums, counts = zip(*(loss_of([batch[i] for i in run])
                                  for run in tok.split_by_length([lengths[i] for i in batch])))
-            loss = sum(sums) / sum(counts)
+            loss = sum(sums) / dist.global_count(sum(counts))  # the counts of all ranks' slices
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
@@ -191,23 +192,25 @@ def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
     """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences of each pair."""
     ex = rm_examples(chat, pairs, rmc.rm_scheme)
     rm = TokenRM(load_gpt(sft_path, device), rmc.rm_scheme).to(device)
+    net = dist.wrap(rm)  # trained through (torchrun: averages the gradients over the ranks)
     w = torch.tensor([rmc.rm_bad_weight] + [1.0] * (len(set(SCHEMES[rmc.rm_scheme].values())) - 1), device=device)
 
     def loss(batch):  # summed (class-weighted) cross-entropy and the summed weights it is a mean over
         idx, real, cls = token_batch(chat, [x for i in batch for x in ex[i]], device)
-        return token_loss(rm(idx, real), cls, rmc.rm_bad_weight, reduction="sum"), w[cls[cls != -1]].sum()
+        return token_loss(net(idx, real), cls, rmc.rm_bad_weight, reduction="sum"), w[cls[cls != -1]].sum()
     return train_rm(rm, loss, [max(len(x) for x, _ in pair) for pair in ex], rmc, "rm token", seed, device)
 
 
 def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
     """Sequence RM: Bradley-Terry on (pair[better], pair["rejected"])."""
     rm = SeqRM(load_gpt(sft_path, device)).to(device)
+    net = dist.wrap(rm)  # trained through (torchrun: averages the gradients over the ranks)
     lengths = [max(len(chat.prompt(p["prompt"]) + chat.response(p[k])) for k in (better, "rejected")) for p in pairs]
 
     def loss(batch):
         prompts = [pairs[i]["prompt"] for i in batch]
-        hi = rm(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
-        lo = rm(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
+        hi = net(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
+        lo = net(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
         return bt_loss(hi, lo) * len(batch), len(batch)  # summed over the pairs
     return train_rm(rm, loss, lengths, rmc, desc, seed, device)
 

@@ -18,6 +18,7 @@ judgements come from. Run:
     python train.py --preset=tiny         # the whole pipeline in about a minute
     python train.py --sft_steps=300 --beta=0.05 --out=runs/x
     python train.py --help                # every flag, by section, with its default
+    torchrun --standalone --nproc_per_node=4 train.py --preset=gpu   # 4 GPUs (README: Several GPUs)
 """
 
 import dataclasses
@@ -34,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed as dist
 import evaluation
 import ppo
 import reward
@@ -79,11 +81,11 @@ def sft_example(chat, prompt, response):
     return (p + r)[:chat.block_size], ([-1] * (len(p) - 1) + r + [-1])[:chat.block_size]
 
 
-def sft_loss(model, batch, pad, device, max_parts=4):
-    """Mean cross-entropy over the targets of a batch of sft_example()s, and its (real,
-    padded) positions. It runs as up to max_parts micro-batches cut by length, so a short
-    answer is not padded to the longest one (tok.split_by_length): the same value and
-    gradient as the whole batch padded at once."""
+def sft_loss(model, batch, pad, device, max_parts=4, n_targets=None):
+    """Mean cross-entropy over the targets of a batch of sft_example()s (the sum over
+    n_targets, if given), and its (real, padded) positions. It runs as up to max_parts
+    micro-batches cut by length, so a short answer is not padded to the longest one
+    (tok.split_by_length): the same value and gradient as the whole batch padded at once."""
     lengths = [len(x) for x, _ in batch]
     loss_sum, real_tokens, padded = 0.0, 0, 0
     for run in tok.split_by_length(lengths, max_parts):
@@ -92,7 +94,7 @@ def sft_loss(model, batch, pad, device, max_parts=4):
         loss_sum = loss_sum + model(idx.to(device), tgt.to(device), mask=real.to(device), reduction="sum")[1]
         n_real = sum(lengths[i] for i in run)  # counted on the host: no GPU sync
         real_tokens, padded = real_tokens + n_real, padded + len(run) * max(lengths[i] for i in run) - n_real
-    return loss_sum / sum(t != -1 for _, y in batch for t in y), real_tokens, padded
+    return loss_sum / (n_targets or sum(t != -1 for _, y in batch for t in y)), real_tokens, padded
 
 
 def stage_sft(cfg, world, chat, device):
@@ -114,6 +116,7 @@ def stage_sft(cfg, world, chat, device):
                               n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.sft_lr)
     print(f"sft: {len(train)} examples, {model.num_params() / 1e6:.2f}M parameters, vocab {chat.enc.n_vocab}")
+    ddp_model = dist.wrap(model)  # trained through (torchrun: averages the gradients over the ranks)
 
     @torch.no_grad()
     def val_loss():  # mean over chunks of 256 examples
@@ -129,18 +132,26 @@ def stage_sft(cfg, world, chat, device):
     for it in pbar:
         for group in opt.param_groups:
             group["lr"] = get_lr(it, cfg)
+        batch = g.sample(train, min(cfg.sft_batch, len(train)))  # the same on every rank
+        # torchrun: a rank's slice, its summed loss over the batch's targets / world_size: DDP's
+        # average of the ranks' gradients is then the one-process gradient of the whole batch
+        n_targets = sum(t != -1 for _, y in batch for t in y) / dist.world_size
         with autocast(device):
-            loss, n_real, n_pad = sft_loss(model, g.sample(train, min(cfg.sft_batch, len(train))), chat.pad, device)
+            loss, n_real, n_pad = sft_loss(ddp_model, dist.shard(batch), chat.pad, device, n_targets=n_targets)
         real_tokens, padded = real_tokens + n_real, padded + n_pad
-        if not torch.isfinite(loss):
-            sys.exit(f"error: sft stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        loss_all = dist.all_reduce_sum(loss.detach()) / dist.world_size  # the batch's loss: same on every rank
+        if not torch.isfinite(loss_all):
+            sys.exit(f"error: sft stopped at step {it}: loss is {loss_all.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        pbar.set_postfix(loss=f"{loss.item():.3f}")
+        pbar.set_postfix(loss=f"{loss_all.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
-            tqdm.write(f"sft step {it + 1} | train loss {loss.item():.4f} | val loss {val_loss():.4f}")
+            tqdm.write(f"sft step {it + 1} | train loss {loss_all.item():.4f} | val loss {val_loss():.4f}")
+    real_tokens, padded = dist.all_reduce_sum(torch.tensor([real_tokens, padded])).tolist()  # of all ranks
+    if not dist.master:  # rank 0 samples, judges and saves; the others wait at the stage's barrier
+        return
 
     # Fresh samples at temperature 1 (they also fit the reward scales later), and with a gold
     # judge its view of them against the corpus the model learned from.
@@ -182,7 +193,8 @@ def stage_judge(cfg, world, chat, rmc, device):
     torch.manual_seed(cfg.seed)  # the same judge whether or not SFT ran in this process
     rm = reward.train_seq_rm(chat, os.path.join(cfg.out, "sft", "model.pt"), world.judge_records, "chosen",
                              rmc, cfg.seed, device, "judge rm")
-    reward.save_rm(rm, {"center": 0.0, "scale": 1.0}, path)
+    if dist.master:
+        reward.save_rm(rm, {"center": 0.0, "scale": 1.0}, path)
 
 
 def rm_split(cfg, seed):
@@ -211,6 +223,8 @@ def stage_rm(cfg, chat, rmc, seed, name, device):
     else:
         better = {"seq": "chosen", "seq_edits": "edited"}[name]
         rm = reward.train_seq_rm(chat, sft_path, train, better, rmc, own, device, f"rm {name}")
+    if not dist.master:  # rank 0 fits the scale and saves
+        return
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     reward.save_rm(rm, reward.fit_norm(reward.response_scores(rm, chat, samples["prompts"], samples["responses"],
                                                               device)), path)
@@ -249,8 +263,8 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     reward_fn = reward.reward_fn(method, os.path.join(cfg.out, "rm", f"seed{seed}"), chat, samples, rmc, device)
 
-    def next_prompts(rng):
-        return [chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch)]
+    def next_prompts(rng):  # the same batch on every rank (one rng), then this rank's share
+        return dist.shard([chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch)])
 
     def curve_point(it):  # win rate and judge score on the first n_curve evaluation prompts
         wins, rates, _ = evaluation.evaluate(policy.gpt, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
@@ -263,30 +277,6 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
         sys.exit(f"error: ppo {name} stopped: {e}; the last good checkpoint {path} is intact")
     if state["iter"] < pc.ppo_iters:
         sys.exit(f"stopped after {cfg.stop_after} iterations (--stop_after); rerun to resume")
-
-
-def stage_report(cfg, world, chat, config, seeds, methods, timing, processes_used, device):
-    sft_path = os.path.join(cfg.out, "sft", "model.pt")
-    ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
-    sft = load_gpt(sft_path, device)
-    evals = {m: [evaluation.final_eval(os.path.join(cfg.out, "ppo", f"{m}_seed{s}.eval.json"),
-                                       os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft, ev, world, chat,
-                                       cfg.seed + 2000, device) for s in seeds] for m in methods}
-    rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
-                  if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
-    out = evaluation.results(config, seeds, methods, evals, world, chat, ev, rm_metrics, timing)
-    out["processes"] = processes_used
-    data.write_json(out, os.path.join(cfg.out, "results.json"))
-    md = evaluation.results_md(out, methods, world, cfg.n_eval, cfg.k_ref)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(md)
-    evaluation.plot_curves(cfg.out, evals, methods, cfg.n_curve)
-    token_rm = os.path.join(cfg.out, "rm", f"seed{seeds[0]}", "token.pt")
-    if os.path.exists(token_rm):
-        samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-        evaluation.token_rewards_html(os.path.join(cfg.out, "token_rewards.html"), reward.load_rm(token_rm, device)[0],
-                                      samples, world, chat, device)
-    print(md)
 
 
 # -----------------------------------------------------------------------------
@@ -304,12 +294,15 @@ def prepare(cfgs, pcs, force, preset):
     cfg, world_cfg, rmc, _ = (cfgs[c] for c in SECTIONS)
     methods = cfg.methods.split(",")
     try:  # your data is read and checked before anything is written
-        device = pick_device(cfg.device)
+        device = dist.setup(pick_device(cfg.device))  # under torchrun: joins the ranks, cuda:LOCAL_RANK
         world = make_world(cfg, world_cfg, device)
         if cfg.init:
             gpt2_files(cfg.init)
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    pc = cfgs[ppo.PPOConfig]
+    dist.check(cfg.jobs, dict(sft_batch=cfg.sft_batch, rm_batch=rmc.rm_batch, rollout_batch=pc.rollout_batch,
+                              minibatch=pc.minibatch))
     if not world.gold and any(m.startswith("oracle") for m in methods):
         sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
     if not world.has_edits:
@@ -318,11 +311,13 @@ def prepare(cfgs, pcs, force, preset):
     config = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
     config["ppo_by_method"] = {m: d for m, pc in pcs.items()  # where a method's settings differ from the flat ones
                                if (d := {k: v for k, v in dataclasses.asdict(pc).items() if v != config[k]})}
-    prepare_out(cfg.out, config, force)
+    dist.on_master(prepare_out, cfg.out, config, force)
+    dist.barrier()  # the other ranks look at the folder once rank 0 has checked (or --force emptied) it
     jobs, threads, job_threads = processes(cfg, device)
     torch.set_num_threads(threads)  # for the stages that run alone; the workers set job_threads
     torch.manual_seed(cfg.seed)
-    print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)")
+    print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)"
+          + (f" | torchrun: {dist.world_size} processes" if dist.ddp else ""))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m][0] for m in methods}]
     timing = {}
@@ -330,21 +325,25 @@ def prepare(cfgs, pcs, force, preset):
     def timed(name, f, *args):
         t0 = time.time()
         result = f(*args)
+        dist.barrier()  # torchrun: the next stage starts on every rank when rank 0 has written this one's files
         timing[name] = timing.get(name, 0.0) + time.time() - t0
         return result
 
-    chat = tok.Chat(timed("tokenizer", stage_tokenizer, cfg, world), cfg.block_size, cfg.max_new_tokens)
+    # Every rank runs every stage, in the same order: the training ones data parallel, and
+    # the ones on_master on rank 0 alone (sampling, judging, evaluation, report).
+    chat = tok.Chat(timed("tokenizer", dist.master_first, stage_tokenizer, cfg, world), cfg.block_size,
+                    cfg.max_new_tokens)
     if not world.gold and (n_long := world.count_too_long(chat)):
         print(f"warning: {n_long} record(s) longer than block_size={cfg.block_size} tokens are truncated")
     timed("sft", stage_sft, cfg, world, chat, device)
-    timed("prefs", stage_prefs, cfg, world, chat, device)
+    timed("prefs", dist.on_master, stage_prefs, cfg, world, chat, device)
     if not world.gold:
         timed("judge", stage_judge, cfg, world, chat, rmc, device)
     timed("rm", parallel, [(stage_rm, (cfg, chat, rmc, s, n, device)) for s in seeds for n in rm_names],
           jobs, job_threads)
-    timed("rm", parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device)) for s in seeds
-                           if rm_names], jobs, job_threads)
-    timed("eval_set", evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
+    timed("rm", dist.on_master, parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device))
+                                           for s in seeds if rm_names], jobs, job_threads)
+    timed("eval_set", dist.on_master, evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
           os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the PPO runs, which all read it
     return SimpleNamespace(cfg=cfg, rmc=rmc, pcs=pcs, world=world, chat=chat, config=config, seeds=seeds,
                            methods=methods, device=device, jobs=jobs, threads=threads, job_threads=job_threads,
@@ -357,8 +356,9 @@ def ppo_tasks(c):
 
 
 def report(c):
-    c.timed("report", stage_report, c.cfg, c.world, c.chat, c.config, c.seeds, c.methods, c.timing,
-            {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads}, c.device)
+    c.timed("report", dist.on_master, evaluation.report, c.cfg, c.world, c.chat, c.config, c.seeds, c.methods,
+            c.timing, {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads, "world_size": dist.world_size},
+            c.device)
 
 
 def sweep(cfgs, pcs, force, preset):
@@ -372,7 +372,7 @@ def sweep(cfgs, pcs, force, preset):
     shared = ["sft", "tokenizer.tiktoken", "eval"] + (["prefs", "prefs.jsonl", "rm"] if only_ppo else [])
     first, ctxs = points[0][1][Config].out, []
     for i, (name, one, one_pcs) in enumerate(points):
-        for item in shared if i > 0 and not os.path.exists(one[Config].out) else []:
+        for item in shared if i > 0 and not os.path.exists(one[Config].out) and dist.master else []:
             src, dst = os.path.join(first, item), os.path.join(one[Config].out, item)
             shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy(src, dst)
         print(f"=== sweep {name} -> {one[Config].out}")
@@ -382,16 +382,17 @@ def sweep(cfgs, pcs, force, preset):
     for c in ctxs:
         c.timing["ppo"] = time.time() - t0  # the whole grid's pool
         report(c)
-    evaluation.sweep_report(cfgs[Config].out, cfgs[Config].sweep,
-                            {name: json.load(open(os.path.join(one[Config].out, "results.json"))) for name, one, _ in points})
+    dist.on_master(evaluation.sweep_report, cfgs[Config].out, cfgs[Config].sweep,
+                   {name: json.load(open(os.path.join(one[Config].out, "results.json"))) for name, one, _ in points})
 
 
 def main(argv):
     cfgs, pcs, force, preset = parse_args(argv)
-    try:
-        (sweep if cfgs[Config].sweep else run)(cfgs, pcs, force, preset)
-    except FloatingPointError as e:  # a non-finite loss: the stage's last good files are intact
-        sys.exit(f"error: {e}")
+    with dist.stop_all_on_error():  # torchrun: one rank's error stops every rank
+        try:
+            (sweep if cfgs[Config].sweep else run)(cfgs, pcs, force, preset)
+        except FloatingPointError as e:  # a non-finite loss: the stage's last good files are intact
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ runs (per method and seed) need nothing from each other, and small models on a f
 cores are partly overhead-bound, so a core runs a second run better than it helps a first
 one as a second thread. train.py's --jobs and --threads choose how many processes and
 threads; results are the same for the same threads per process, whatever the jobs.
+torchrun shards one run over processes instead (distributed.py); the two do not mix.
 """
 
 import multiprocessing as mp
@@ -14,12 +15,15 @@ import threading
 import torch
 from tqdm import tqdm
 
+import distributed as dist
+
 
 def processes(cfg, device):
     """(jobs, threads of this process, threads of each worker). Small models are
     overhead-bound, so the cores go to parallel runs rather than to threads of one run."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    jobs = cfg.jobs or (cores if device == "cpu" else 1)
+    cores = max(1, cores // dist.world_size)  # torchrun: the ranks share the machine's cores
+    jobs = cfg.jobs or (cores if device == "cpu" and not dist.ddp else 1)  # torchrun: one process per rank
     threads = cfg.threads or int(os.environ.get("OMP_NUM_THREADS", 0))
     return jobs, threads or cores, threads or max(1, cores // jobs)
 
