@@ -158,7 +158,7 @@ def test_two_jobs_give_the_sequential_results(ref, tmp_path):
     out = str(tmp_path / "run")
     ok(run(out, "--jobs=2"))
     res = results(out)
-    assert res["processes"] == {"jobs": 2, "threads": 1, "threads_per_job": 1}
+    assert res["processes"] == {"jobs": 2, "threads": 1, "threads_per_job": 1, "world_size": 1}
     assert results(ref[0])["processes"]["jobs"] == 1
     assert comparable(res) == comparable(results(ref[0]))
 
