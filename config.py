@@ -2,7 +2,9 @@
 The configuration of a run and its command line. The dataclasses are the single source of
 truth: one per concern (Config here for the pipeline; data.WorldConfig, reward.RMConfig,
 ppo.PPOConfig beside the code they configure); presets are data; the parser and `--help`
-are generated from the fields, their types and their comments.
+are generated from the fields, their types and their comments. Each method's tuned PPO
+settings (TUNED), the grid of a --sweep (sweep_grid) and the check that an output folder
+holds a run of the same config (prepare_out) live here too.
 
     python train.py --help                         # every flag, by section, with its default
     python train.py --preset=tiny --beta=0.1       # --key=value ...
@@ -81,12 +83,11 @@ PRESETS = {
                 sft_lr=1e-3, warmup=200),
 }
 # Each method's PPO settings, chosen by the tuning protocol of the README ("A fair comparison"):
-# the same grid for every method, on a tuning seed that is never reported, best win rate wins.
-# They sit between the preset and the flags: a flag given on the command line applies to
-# every method. results.json records what each method ran with (config["ppo_by_method"]).
-# Chosen on tuning seed 7 from the grid ppo_lr {1e-5, 3e-5} x lam {0.95, 1} x beta {0.02, 0.05}, 80
-# iterations, win rate on the 500 evaluation prompts (README, "A fair comparison": the command
-# and the whole table). Methods not listed were not tuned and run with the flat settings.
+# the same grid for every method (ppo_lr {1e-5, 3e-5} x lam {0.95, 1} x beta {0.02, 0.05}, 80
+# iterations) on tuning seed 7, never reported; the best win rate on its 500 evaluation prompts.
+# They sit between the preset and the flags: a flag given on the command line applies to every
+# method. Methods not listed were not tuned and run with the flat settings. results.json
+# records what each method ran with (config["ppo_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05)}
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
@@ -105,8 +106,8 @@ def field_comments(cls):
 
 
 def flag_type(name, typ):
-    """How a flag's text becomes a field's value: its type, ints at
-    least MINIMUM (1 unless listed), a value of CHOICES, methods checked against reward.METHODS."""
+    """How a flag's text becomes a field's value: its type, ints at least MINIMUM (1 unless
+    listed), a value of CHOICES, methods checked against reward.METHODS."""
     def parse(s):
         try:
             v = typ(s)

@@ -298,13 +298,13 @@ def results_md(out, methods, world, n_eval, k_ref):
 
 def report(cfg, world, chat, config, seeds, methods, timing, processes, device):
     """Stage 5 of the pipeline: each finished policy evaluated (final_eval), then results.json
-    (with the processes it ran with), results.md, the plots and the token-reward HTML of the run in cfg.out."""
+    (with the processes it ran with), results.md, the plots and the token-reward HTML, in cfg.out."""
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
     ev = eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
     sft = load_gpt(sft_path, device)
     evals = {m: [final_eval(os.path.join(cfg.out, "ppo", f"{m}_seed{s}.eval.json"),
-                                       os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft, ev, world, chat,
-                                       cfg.seed + 2000, device) for s in seeds] for m in methods}
+                            os.path.join(cfg.out, "ppo", f"{m}_seed{s}.pt"), sft, ev, world, chat, cfg.seed + 2000,
+                            device) for s in seeds] for m in methods}
     rm_metrics = {f"seed{s}": json.load(open(p)) for s in seeds  # none when only oracle methods ran
                   if os.path.exists(p := os.path.join(cfg.out, "rm", f"seed{s}", "metrics.json"))}
     out = results(config, seeds, methods, evals, world, chat, ev, rm_metrics, timing)
@@ -318,7 +318,7 @@ def report(cfg, world, chat, config, seeds, methods, timing, processes, device):
     if os.path.exists(token_rm):
         samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
         token_rewards_html(os.path.join(cfg.out, "token_rewards.html"), reward.load_rm(token_rm, device)[0],
-                                      samples, world, chat, device)
+                           samples, world, chat, device)
     print(md)
 
 

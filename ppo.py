@@ -260,9 +260,9 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     iterations of this call (0: never). Returns the state {"iter", "log", "curve", "t_curve0",
     "t_warmup", "warmup_explained_var"};
     each log row holds the iteration's statistics and its seconds per part (t_*)."""
-    critic = policy.critic_parameters()
-    opt = torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
-                             {"params": critic, "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)  # eps as CleanRL
+    opt = torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},  # group 0: the policy
+                             {"params": policy.critic_parameters(), "lr": cfg.vf_lr}],
+                            eps=1e-5, weight_decay=0.0)  # eps as CleanRL
     # Everything random in a run is drawn from these three, saved in each checkpoint.
     torch.manual_seed(seed)
     gen = torch.Generator(device=policy.gpt.lm_head.weight.device).manual_seed(seed)  # sampling
@@ -326,4 +326,4 @@ def load_state(path, policy, opt, gen, cpu_gen, rng):
     gen.set_state(ck["gen"].cpu())  # a generator's state is a CPU byte tensor, whatever its device
     cpu_gen.set_state(ck["cpu_gen"])
     rng.setstate(ck["rng"])
-    return {k: ck[k] for k in ("iter", "log", "curve", "t_curve0", "t_warmup", "warmup_explained_var") }
+    return {k: ck[k] for k in ("iter", "log", "curve", "t_curve0", "t_warmup", "warmup_explained_var")}
