@@ -356,9 +356,9 @@ def ppo_tasks(c):
 
 
 def report(c):
+    processes = {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads, "world_size": dist.world_size}
     c.timed("report", dist.on_master, evaluation.report, c.cfg, c.world, c.chat, c.config, c.seeds, c.methods,
-            c.timing, {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads, "world_size": dist.world_size},
-            c.device)
+            c.timing, processes, c.device)
 
 
 def sweep(cfgs, pcs, force, preset):
