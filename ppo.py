@@ -234,7 +234,7 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
                 raise FloatingPointError(f"non-finite PPO loss ({loss.item()})")
             optimizer.zero_grad(set_to_none=True)  # a parameter without a gradient is not stepped
             loss.backward()
-            for p in optimizer.param_groups[0]["params"] if critic_only else []:  # group 0: the policy (train)
+            for p in optimizer.param_groups[0]["params"] if critic_only else []:  # group 0: the policy (make_optimizer)
                 p.grad = None  # no gradient: AdamW neither moves the policy nor counts a step for it
             for group in optimizer.param_groups:  # the policy and the critic, each clipped on its own
                 nn.utils.clip_grad_norm_(group["params"], cfg.ppo_grad_clip)
@@ -249,6 +249,12 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
     return out
 
 
+def make_optimizer(policy, cfg):
+    """AdamW with two groups: 0 the policy (ppo_lr), 1 the critic (vf_lr); eps as CleanRL."""
+    return torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
+                              {"params": policy.critic_parameters(), "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)
+
+
 # -----------------------------------------------------------------------------
 # The loop: rollout -> update -> log -> checkpoint, resumable.
 
@@ -260,9 +266,7 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
     iterations of this call (0: never). Returns the state {"iter", "log", "curve", "t_curve0",
     "t_warmup", "warmup_explained_var"};
     each log row holds the iteration's statistics and its seconds per part (t_*)."""
-    opt = torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},  # group 0: the policy
-                             {"params": policy.critic_parameters(), "lr": cfg.vf_lr}],
-                            eps=1e-5, weight_decay=0.0)  # eps as CleanRL
+    opt = make_optimizer(policy, cfg)
     # Everything random in a run is drawn from these three, saved in each checkpoint.
     torch.manual_seed(seed)
     gen = torch.Generator(device=policy.gpt.lm_head.weight.device).manual_seed(seed)  # sampling

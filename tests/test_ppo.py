@@ -335,11 +335,6 @@ def test_rollout_ratio_is_one_on_first_minibatch():
     assert m.any()
 
 
-def _optimizer(policy, cfg=CFG):  # as ppo.train builds it: the policy and the critic, each its own lr
-    return torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
-                              {"params": policy.critic_parameters(), "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)
-
-
 def test_critic_warmup_moves_only_the_critic_and_learns():
     """update(critic_only=True), the warm-up: the policy's weights stay bit-identical, the
     critic's change, and repeated passes on one rollout raise the explained variance; the
@@ -353,7 +348,7 @@ def test_critic_warmup_moves_only_the_critic_and_learns():
         first = torch.where(resp.cumsum(1) == 1, idx, 0).sum(1)
         return reward.final_token_rewards((first % 2).float() * 2 - 1, resp.float())
     batch = _rollout(policy, ref, cfg, reward_fn=reward_fn)
-    opt, before = _optimizer(policy, cfg), copy.deepcopy(policy.gpt.state_dict())
+    opt, before = ppo.make_optimizer(policy, cfg), copy.deepcopy(policy.gpt.state_dict())
     ev = [ppo.update(policy, opt, batch, cfg, torch.Generator().manual_seed(0), critic_only=True)["explained_var"]]
     for _ in range(15):
         with torch.no_grad():
