@@ -89,9 +89,12 @@ PRESETS = {
 # method. Methods not listed were not tuned and run with the flat settings. results.json
 # records what each method ran with (config["ppo_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
-         "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05)}
+         "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
+         "ppo_edits": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
+         "oracle_ppo": dict(ppo_lr=3e-5, lam=1.0, beta=0.05),
+         "oracle_fg": dict(ppo_lr=3e-5, lam=0.95, beta=0.05)}
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
-MINIMUM = {"seed": None, "warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
+MINIMUM = {"seed": None, "warmup": 0, "vf_warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
 
 
 def field_comments(cls):

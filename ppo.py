@@ -68,7 +68,7 @@ class PPOConfig:
     minibatch: int = 16         # sequences per gradient step
     ppo_lr: float = 2e-5
     vf_lr: float = 1e-4         # learning rate of the critic (its own trunk and value head)
-    vf_warmup: int = 5          # rollouts of the SFT policy that train only the critic, before iteration 1
+    vf_warmup: int = 5          # rollouts of the SFT policy that train only the critic, before iteration 1 (0: none)
     beta: float = 0.05          # weight of the per-token KL penalty to the SFT reference
     gamma: float = 1.0          # discount; 1 for episodic text
     lam: float = 0.95           # GAE lambda
