@@ -8,7 +8,7 @@ All per-token tensors are (B, T) over prompt + response; `mask` (B, T, bool or 0
 is True on the tokens that count (the response tokens), and the others must change nothing.
 """
 
-import torch
+import torch  # noqa: F401 (for your code)
 
 from ppo import masked_mean  # noqa: F401 (given: mean of x over mask, divided by mask.sum().clamp(min=1))
 

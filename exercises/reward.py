@@ -8,7 +8,7 @@ Shapes: B rows (responses), T positions (prompt + response, padded), K classes; 
 always "bad"; -1 in a class tensor means "ignore" (prompt, padding), as in nanoGPT.
 """
 
-import torch
+import torch  # noqa: F401 (for your code)
 from torch.nn import functional as F  # noqa: F401 (you may want F.cross_entropy or F.log_softmax)
 
 from reward import last_index  # noqa: F401 (given: the index of the last True of each mask row, (B, T) -> (B,))
