@@ -11,10 +11,18 @@ reader looks at.
   Spearman against the judge, and the token RM's bad-class recall per error type.
 - The report: results.json, results.md, ppo_diagnostics.png, learning_curves.png,
   token_rewards.html; for sweeps sweep.json and headline.png.
-Run as stage 5 of `python train.py`.
+- The classroom labs' figures, from finished run folders: proxy reward against the gold
+  judge over PPO iterations (reward hacking), and fine-grained PPO's gain over PPO against
+  the annotator's miss rate (annotator noise).
+Run as stage 5 of `python train.py`; the labs as
+
+    python evaluation.py reward_hacking runs/frontier     # -> runs/frontier/reward_hacking.png
+    python evaluation.py annotator_noise runs/noise       # -> runs/noise/annotator_noise.png
 """
 
+import argparse
 import copy
+import glob
 import html
 import json
 import os
@@ -439,3 +447,115 @@ def plot_sweep(path, key, values, runs):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close("all")
+
+
+# -----------------------------------------------------------------------------
+# The classroom labs, from finished run folders (README: Classroom kit)
+
+def run_points(folder):
+    """{point name: its run folder} of a --sweep folder (its sweep.json), or {name: folder}
+    of a single run's folder."""
+    if os.path.exists(p := os.path.join(folder, "sweep.json")):
+        return {n: os.path.join(folder, n) for n in json.load(open(p))["points"]}
+    return {os.path.basename(os.path.normpath(folder)): folder}
+
+
+def proxy_and_gold(run_dir):
+    """{method: {"iter", "proxy", "curve_iter", "gold"}} of one run folder, from the PPO
+    runs' log and curve, a row per seed, cut to the shortest seed.
+    Read from each run's final evaluation (ppo/*.eval.json), or its checkpoint (*.pt) if unfinished.
+    - proxy: the reward PPO maximises (besides the KL penalty), per iteration: the rollout's
+      mean summed task reward (log "reward"), already standardised on SFT samples by
+      reward.fit_norm (0: an average SFT answer, 1: one SFT standard deviation better);
+    - gold: the judge's mean score of the learning curve's samples (curve "judge_score", on
+      the first n_curve evaluation prompts), standardised the same way: minus the mean and
+      over the std of the judge scores of the K SFT reference samples of those same prompts
+      (eval/refs.json). The same prompts, so the prompt mix cancels and the SFT model sits
+      at 0 on both scales (sft/metrics.json holds only a mean, of other prompts)."""
+    n_curve = json.load(open(os.path.join(run_dir, "config.json")))["n_curve"]
+    ref = json.load(open(os.path.join(run_dir, "eval", "refs.json")))
+    sft = torch.tensor([s[:n_curve] for s in ref["ref_scores"]], dtype=torch.float64)  # (K, n_curve)
+    mu, sd = sft.mean().item(), sft.std().item()
+    out = {}
+    ppo_dir = os.path.join(run_dir, "ppo")
+    for run in sorted({os.path.join(ppo_dir, os.path.basename(p).split(".")[0]) for p in glob.glob(ppo_dir + "/*_seed*")}):
+        # a finished run's final evaluation holds the same log and curve as its checkpoint, lighter
+        ck = (json.load(open(run + ".eval.json")) if os.path.exists(run + ".eval.json")
+              else torch.load(run + ".pt", map_location="cpu", weights_only=True))
+        m = out.setdefault(os.path.basename(run).rsplit("_seed", 1)[0], {"log": [], "curve": []})
+        m["log"].append(ck["log"])
+        m["curve"].append(ck["curve"])
+    for m, c in out.items():
+        n, k = min(map(len, c["log"])), min(map(len, c["curve"]))
+        out[m] = {"iter": [r["iter"] for r in c["log"][0][:n]], "proxy": [[r["reward"] for r in lg[:n]] for lg in c["log"]],
+                  "curve_iter": [p["iter"] for p in c["curve"][0][:k]],
+                  "gold": [[(p["judge_score"] - mu) / sd for p in cv[:k]] for cv in c["curve"]]}
+    return out
+
+
+def plot_reward_hacking(path, folder, only=""):
+    """The reward-hacking figure: a panel per run of folder (each point of a --sweep, e.g.
+    each beta; only: the points whose names hold each of these space-separated strings), with each method's proxy reward (solid) and gold judge score (dashed,
+    markers) over PPO iterations, both in SFT standard deviations (proxy_and_gold), mean
+    over seeds. Reward hacking is where the solid line rises and the dashed one does not."""
+    plt = _pyplot()
+    points = {n: d for n, d in run_points(folder).items() if all(w in n for w in only.split())}
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 3.8), sharey=True, squeeze=False)
+    colours = {}
+    for ax, (name, run_dir) in zip(axes[0], points.items()):
+        for m, c in proxy_and_gold(run_dir).items():
+            col = colours.setdefault(m, f"C{len(colours)}")
+            mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731 (over seeds)
+            ax.plot(c["iter"], mean(c["proxy"]), color=col, lw=1, label=f"{m}: proxy (its RM)")
+            ax.plot(c["curve_iter"], mean(c["gold"]), color=col, ls="--", marker="o", ms=3, label=f"{m}: gold (judge)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"{name} ({len(c['proxy'])} seed(s))")
+        ax.set_xlabel("PPO iteration")
+    axes[0][0].set_ylabel("reward, in SFT standard deviations")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+
+
+def plot_annotator_noise(path, folder, only=""):
+    """The annotator-noise figure of a --sweep=p_annotator_miss:... folder: left, fine-grained
+    PPO's gain over PPO in win rate against SFT (fg_ppo - ppo, paired over seeds and prompts,
+    95% bootstrap CI: results.json's fg_ppo_minus_ppo) against the probability that the
+    annotator misses an error; right, what the noise does to the reward models: the
+    fact-flip accuracy of the token and sequence RMs, mean over RM seeds."""
+    plt = _pyplot()
+    runs = {n: json.load(open(os.path.join(d, "results.json"))) for n, d in run_points(folder).items()
+            if all(w in n for w in only.split())}
+    p = {n: float(n.split("p_annotator_miss=")[1].split(",")[0]) for n in runs}
+    names = sorted(runs, key=p.get)
+    gain = [runs[n]["fg_ppo_minus_ppo"] for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].errorbar([p[n] for n in names], [g["win_rate"] for g in gain], marker="o", capsize=3,
+                     yerr=[[g["win_rate"] - g["ci95"][0] for g in gain], [g["ci95"][1] - g["win_rate"] for g in gain]])
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[0].set_title(f"fg_ppo - ppo win rate (paired 95% CI, {len(runs[names[0]]['seeds'])} seeds)")
+    for rm in ("token", "seq"):
+        accs = [[s[rm]["fact_flip_acc"] for s in runs[n]["reward_models"].values() if rm in s] for n in names]
+        axes[1].plot([p[n] for n in names], [sum(a) / max(len(a), 1) for a in accs], marker="o", label=f"{rm} RM")
+    axes[1].axhline(0.5, color="grey", lw=0.5)
+    axes[1].set_title("fact-flip accuracy of the reward models")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("p_annotator_miss (each error overlooked with this probability)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+
+
+LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (README: Classroom kit).")
+    ap.add_argument("lab", choices=list(LABS))
+    ap.add_argument("folder", help="a --sweep folder (reward_hacking also takes one run's folder)")
+    ap.add_argument("--out", help="where to write the figure (default: <folder>/<lab>.png)")
+    ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
+    args = ap.parse_args()
+    LABS[args.lab](args.out or os.path.join(args.folder, f"{args.lab}.png"), args.folder, args.only)
+    print(args.out or os.path.join(args.folder, f"{args.lab}.png"))

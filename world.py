@@ -56,6 +56,9 @@ class ToyWorld:
         temperature 1; returns (records, number of pairs dropped as ties)."""
         sft = load_gpt(sft_path, device)
         rng = random.Random(seed)
+        # The annotator's misses draw from their own stream, so that the pairs are the same at
+        # every p_annotator_miss and only the edits differ (with p = 0 it never draws).
+        miss_rng = random.Random(seed + 1)
         gen = torch.Generator(device=device).manual_seed(seed)
         records, ties = [], 0
         pbar = tqdm(total=n, desc="prefs", dynamic_ncols=True)
@@ -68,7 +71,7 @@ class ToyWorld:
                     ties += 1
                     continue
                 chosen, rejected = (a, b) if sa > sb else (b, a)
-                edited = data.annotate(p, rejected, self.cfg.p_annotator_miss, rng)
+                edited = data.annotate(p, rejected, self.cfg.p_annotator_miss, miss_rng)
                 records.append({"prompt": p, "chosen": chosen, "rejected": rejected, "edited": edited})
             pbar.update(min(len(records), n) - pbar.n)
         pbar.close()

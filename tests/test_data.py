@@ -501,3 +501,24 @@ def test_jsonl_lone_surrogate_and_bom(tmp_path):
     b = tmp_path / "bom.jsonl"
     b.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     assert read_jsonl(b) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+
+def test_annotator_noise_changes_only_the_edits(monkeypatch):
+    """world.ToyWorld.preference_pairs at p_annotator_miss 0 and 0.3: the same (prompt, chosen,
+    rejected) pairs, only the edits differ, so a noise sweep compares edits, not draws."""
+    import world
+
+    class FakeChat:  # SFT samples: noisy corpus answers, the same stream on every call
+        def sample(self, model, prompts, gen):
+            return [data.noisy_response(p, self.rng) for p in prompts]
+    monkeypatch.setattr(world, "load_gpt", lambda path, device: None)
+    out = []
+    for p_miss in (0.0, 0.3):
+        chat = FakeChat()
+        chat.rng = random.Random(0)
+        cfg = data.WorldConfig(p_annotator_miss=p_miss)
+        out.append(world.ToyWorld(cfg).preference_pairs(chat, "unused", 40, seed=1, device="cpu")[0])
+    pairs = [[(r["prompt"], r["chosen"], r["rejected"]) for r in rs] for rs in out]
+    assert pairs[0] == pairs[1]
+    assert all(r["edited"] == data.annotate(r["prompt"], r["rejected"]) for r in out[0])
+    assert sum(a["edited"] != b["edited"] for a, b in zip(*out)) >= 3

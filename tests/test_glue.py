@@ -120,23 +120,12 @@ def test_trained_token_rm_blames_the_wrong_token_in_a_rollout_batch(chat):
 # Normalisation and the reward tensor of each method
 
 
+# normalise by hand and its "no pay for length": the exercises' graders (exercises/checks.py)
+
+
 def test_fit_norm_hand_computed():
     """The summed rewards [1, 2, 3] of three samples: centre 2, scale 1 (their mean and std)."""
     assert reward.fit_norm([1, 2, 3]) == pytest.approx({"center": 2.0, "scale": 1.0})
-
-
-def test_dense_rewards_pay_nothing_for_length():
-    """A response padded with neutral tokens (raw reward ~0, as -p(bad) of harmless text)
-    does not earn more: the centre is subtracted once per response, not per token. (With
-    the per-token centre c = -0.5 of these samples, each padding token would earn +0.5/s.)"""
-    raw = torch.tensor([[0.0, -1.0, -0.01, -1.0], [-0.01, -0.01, -1.0, 0.0]])  # 2 samples, 4 response tokens
-    mask = torch.ones_like(raw, dtype=torch.bool)
-    norm = reward.fit_norm(raw.sum(1))
-    short = reward.normalise(raw[:1], mask[:1], norm).sum()
-    padded = torch.cat([raw[:1], torch.full((1, 20), -0.001)], 1)  # the same answer and 20 harmless tokens
-    long = reward.normalise(padded, torch.ones_like(padded, dtype=torch.bool), norm).sum()
-    assert long <= short
-    torch.testing.assert_close(short, (raw[0].sum() - norm["center"]) / norm["scale"])
 
 
 def samples_for_norm(n=24, seed=0):

@@ -44,49 +44,8 @@ def _batch(seed=0):
 
 
 # -----------------------------------------------------------------------------
-# Losses
-
-def test_token_loss_hand_computed():
-    """Mean of -log softmax over non-ignored tokens on a 1x3, 2-class case."""
-    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [0.5, -0.5]]])
-    classes = torch.tensor([[0, 1, -1]])
-    nll0 = math.log(1 + math.exp(-2.0))  # -log softmax([2, 0])[0]
-    nll1 = math.log(1 + math.exp(-1.0))  # -log softmax([0, 1])[1]
-    assert token_loss(logits, classes).item() == pytest.approx((nll0 + nll1) / 2, abs=1e-6)
-
-
-@pytest.mark.parametrize("w", [0.25, 1.0, 3.0])
-def test_token_loss_bad_weight_is_weighted_mean(w):
-    """With bad_weight=w, the loss is sum(w_i * nll_i) / sum(w_i), w_i = w on class 0 (PyTorch's convention)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 3, generator=g)
-    classes = torch.tensor([[0, 1, 2, -1, 0], [-1, 2, 0, 1, 1]])
-    nll = -F.log_softmax(logits, -1)
-    num = den = 0.0
-    for b in range(2):
-        for t in range(5):
-            c = int(classes[b, t])
-            if c == -1:
-                continue
-            wi = w if c == 0 else 1.0
-            num += wi * float(nll[b, t, c])
-            den += wi
-    assert token_loss(logits, classes, bad_weight=w).item() == pytest.approx(num / den, abs=1e-6)
-
-
-def test_token_loss_ignores_logits_at_ignored_positions():
-    """Logits at positions labelled -1 change neither the loss nor receive gradient."""
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 6, 2, generator=g).requires_grad_(True)
-    classes = torch.tensor([[-1, -1, 0, 1, 1, -1], [-1, 0, 0, 1, -1, -1]])
-    loss = token_loss(logits, classes, bad_weight=2.0)
-    loss.backward()
-    ign = classes == -1
-    assert (logits.grad[ign] == 0).all()
-    other = logits.detach().clone()
-    other[ign] = 100 * torch.randn(int(ign.sum()), 2, generator=g)
-    assert token_loss(other, classes, bad_weight=2.0).item() == loss.item()
-
+# Losses (the token loss by hand: the exercises' graders, exercises/checks.py, run on reward.py
+# by tests/test_exercises.py)
 
 @pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
 def test_token_rm_loss_ignores_padding_token_ids(scheme):
