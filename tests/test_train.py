@@ -358,7 +358,7 @@ def test_own_data_runs_end_to_end_with_judge_rm(tmp_path):
                                                  for r in recs])
     out = tmp_path / "noedit"
     p = ok(run(out, f"--data={no_edits}"))
-    assert "only the sequence-level method (ppo) runs" in p.stdout
+    assert "only the methods without edits run: ppo" in p.stdout
     assert set(results(out)["methods"]) == {"sft", "ppo"}
 
 
