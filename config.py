@@ -1,7 +1,7 @@
 """
 The configuration of a run and its command line. The dataclasses are the single source of
 truth: one per concern (Config here for the pipeline; data.WorldConfig, reward.RMConfig,
-ppo.PPOConfig beside the code they configure); presets are data; the parser and `--help`
+ppo.PPOConfig, dpo.DPOConfig beside the code they configure); presets are data; the parser and `--help`
 are generated from the fields, their types and their comments. Each method's tuned PPO
 settings (TUNED), the grid of a --sweep (sweep_grid) and the check that an output folder
 holds a run of the same config (prepare_out) live here too.
@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 import data
+import dpo
 import ppo
 import reward
 
@@ -58,7 +59,7 @@ class Config:
     n_pairs: int = 1000
     data: str = ""               # your own preference JSONL instead of the toy world (see README)
     # RL and evaluation
-    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg
+    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg, rloo, rloo_fg, dpo, dpo_edits
     seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
     n_eval: int = 500            # evaluation prompts, drawn with their own seed
     k_ref: int = 4               # SFT reference samples per evaluation prompt
@@ -73,7 +74,7 @@ class Config:
                                  # grid (train.sweep): the tuning grid, a beta frontier, an ablation
 
 
-SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig]
+SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig, dpo.DPOConfig]
 PRESETS = {
     "default": {},
     "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=400, sft_batch=32,
@@ -82,9 +83,10 @@ PRESETS = {
     "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
                 sft_lr=1e-3, warmup=200),
 }
-# Each method's PPO settings, chosen by the tuning protocol of the README ("A fair comparison"):
-# the same grid for every method (ppo_lr {1e-5, 3e-5} x lam {0.95, 1} x beta {0.02, 0.05}, 80
-# iterations) on tuning seed 7, never reported; the best win rate on its 500 evaluation prompts.
+# Each method's PPO settings (DPOConfig fields for dpo, dpo_edits), chosen by the tuning protocol
+# of the README ("A fair comparison"): the same grid for every method (ppo_lr {1e-5, 3e-5} x lam
+# {0.95, 1} x beta {0.02, 0.05}, 80 iterations) on tuning seed 7, never reported; the best win
+# rate on its 500 evaluation prompts.
 # They sit between the preset and the flags: a flag given on the command line applies to every
 # method. Methods not listed were not tuned and run with the flat settings. results.json
 # records what each method ran with (config["ppo_by_method"]).
@@ -94,7 +96,8 @@ TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "oracle_ppo": dict(ppo_lr=3e-5, lam=1.0, beta=0.05),
          "oracle_fg": dict(ppo_lr=3e-5, lam=0.95, beta=0.05)}
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
-MINIMUM = {"seed": None, "warmup": 0, "vf_warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0}  # other ints: >= 1
+MINIMUM = {"seed": None, "warmup": 0, "vf_warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0,
+           "rloo_k": 2, "dpo_steps": 0}  # other ints: >= 1
 
 
 def field_comments(cls):
@@ -156,18 +159,23 @@ def parse_args(argv):
     cfgs = {cls: make(cls, {**PRESETS[preset], **flags}) for cls in SECTIONS}
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
-    return cfgs, by_method(cfgs[ppo.PPOConfig], flags), force, preset
+    pcs = by_method(cfgs, flags)
+    for m in (m for m in cfgs[Config].methods.split(",") if reward.METHODS[m].algo == "rloo"):
+        if pcs[m].rollout_batch % pcs[m].rloo_k:  # the same number of responses as PPO: rollout_batch / rloo_k prompts
+            sys.exit(f"error: {m}: --rollout_batch={pcs[m].rollout_batch} must be a multiple of --rloo_k={pcs[m].rloo_k}")
+    return cfgs, pcs, force, preset
 
 
 def make(cls, values):
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
-def by_method(pc, flags):
-    """{method: its PPOConfig}: pc (preset and flags) with the method's TUNED settings, except
-    those given as flags."""
-    return {m: dataclasses.replace(pc, **{k: v for k, v in TUNED.get(m, {}).items() if k not in flags})
-            for m in reward.METHODS}
+def by_method(cfgs, flags):
+    """{method: its settings}: the PPOConfig (ppo, rloo) or DPOConfig (dpo) of cfgs (preset and
+    flags) with the method's TUNED settings, except those given as flags."""
+    return {m: dataclasses.replace(cfgs[dpo.DPOConfig if method.algo == "dpo" else ppo.PPOConfig],
+                                   **{k: v for k, v in TUNED.get(m, {}).items() if k not in flags})
+            for m, method in reward.METHODS.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -221,6 +229,6 @@ def sweep_grid(cfgs, pcs):
         for section, key, _, v in combo:
             one[section] = dataclasses.replace(one[section], **{key: v})
         one[Config] = dataclasses.replace(one[Config], out=os.path.join(cfgs[Config].out, name), sweep="")
-        ppo_keys = {key: v for section, key, _, v in combo if section is ppo.PPOConfig}
-        points.append((name, one, {m: dataclasses.replace(pc, **ppo_keys) for m, pc in pcs.items()}))
+        points.append((name, one, {m: dataclasses.replace(pc, **{key: v for section, key, _, v in combo
+                                                                  if isinstance(pc, section)}) for m, pc in pcs.items()}))
     return points

@@ -33,9 +33,8 @@ import torch
 
 import data
 import diff_labels
-import ppo
 import reward
-from model import load_gpt
+from model import load_gpt, token_logprobs
 
 # -----------------------------------------------------------------------------
 # Statistics
@@ -108,24 +107,48 @@ def evaluate(model, ev, world, chat, seed, n=None):
     return wins, sample_stats(world, chat, prompts, responses), responses
 
 
+def curve(model, ev, world, chat, cfg, unit):
+    """point(x) -> the learning-curve point of model at x, a PPO or RLOO "iter" or a DPO "step"
+    (unit): the win rate and judge score on the first n_curve evaluation prompts."""
+    def point(x):
+        wins, rates, _ = evaluate(model, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
+        return {unit: x, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]}
+    return point
+
+
 def sample_stats(world, chat, prompts, responses):
     """The judge's error rates of responses, and their mean length in tokens (eot included)."""
     return {**world.rates(prompts, responses), "mean_length": sum(map(len, map(chat.response, responses))) / len(responses)}
 
 
+@torch.no_grad()
+def kl_to_ref(model, ref, chat, prompts, seed):
+    """The KL to the reference per response on the model's own samples, sum_t log pi(y_t) -
+    log pi_ref(y_t) over the response tokens (the k1 estimator of ppo.rollout), averaged over
+    prompts. Sampled as evaluate samples (same seed, same batches): the evaluated responses."""
+    gen, total = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed), 0.0
+    for i in range(0, len(prompts), EVAL_BATCH):
+        idx, resp, logp = model.generate([chat.prompt(p) for p in prompts[i:i + EVAL_BATCH]], chat.max_new_tokens,
+                                         chat.eot, chat.pad, generator=gen)  # logp (B, T) of the sampled tokens
+        ref_logp = token_logprobs(ref(idx, mask=(idx != chat.pad) | resp)[0], idx)  # (B, T)
+        total += torch.where(resp, logp - ref_logp, 0.0).sum().item()
+    return total / len(prompts)
+
+
 def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
-    """Win values and error rates of a finished policy (its weights on a copy of the SFT
-    model sft) on the full evaluation set; cached at path."""
+    """Win values, error rates and KL to SFT of a finished policy (PPO, RLOO or DPO: its GPT's
+    weights, saved under "gpt.", on a copy of the SFT model sft) on the full evaluation set; cached at path."""
     if os.path.exists(path):
         return json.load(open(path))
     ck = torch.load(ppo_path, map_location=device, weights_only=True)
-    policy = ppo.ActorCritic(copy.deepcopy(sft)).to(device)
-    policy.load_state_dict(ck["policy"])
+    policy = copy.deepcopy(sft).to(device)
+    policy.load_state_dict({k.removeprefix("gpt."): v for k, v in ck["policy"].items() if k.startswith("gpt.")})
     t0 = time.perf_counter()
-    wins, rates, responses = evaluate(policy.gpt, ev, world, chat, seed)
-    out = {"wins": wins, "rates": rates, "log": ck["log"], "curve": ck["curve"], "examples": responses[:8],
-           "t_curve0": ck["t_curve0"], "t_warmup": ck["t_warmup"], "warmup_explained_var": ck["warmup_explained_var"],
-           "t_final_eval": time.perf_counter() - t0}
+    wins, rates, responses = evaluate(policy, ev, world, chat, seed)
+    out = {"wins": wins, "rates": rates, "kl_eval": kl_to_ref(policy, sft, chat, ev["prompts"], seed),
+           "log": ck["log"], "curve": ck["curve"], "examples": responses[:8],
+           "t_curve0": ck.get("t_curve0", 0.0), "t_warmup": ck.get("t_warmup", 0.0),
+           "warmup_explained_var": ck.get("warmup_explained_var", []), "t_final_eval": time.perf_counter() - t0}
     data.write_json(out, path)
     return out
 
@@ -224,28 +247,47 @@ def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
 # -----------------------------------------------------------------------------
 # The report
 
+PAIRED = [("fg_ppo", "ppo"), ("rloo_fg", "rloo"), ("dpo_edits", "dpo")]  # the paired differences reported
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def log_mean(res, key, rows):
+    """The mean over seeds of the mean of key over rows (a slice) of each run's log; None where
+    the log has no key (RLOO has no critic to explain anything, DPO has no rollouts)."""
+    if not all(key in r["log"][-1] for r in res):
+        return None
+    return mean([mean([x[key] for x in r["log"][rows]]) for r in res])
+
+
 def results(config, seeds, methods, evals, world, chat, ev, rm_metrics_by_seed, timing):
     """The results.json dict; evals[method] is the list of final_eval outputs, one per seed;
     timing the wall-clock seconds of each stage in this invocation."""
     sft_rates = sample_stats(world, chat, ev["prompts"], ev["refs"][0])
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out = {"config": config, "seeds": seeds, "methods": {"sft": sft_rates}}
     for m in methods:
         res = evals[m]
         wins = [r["wins"] for r in res]
         rates = {k: sum(r["rates"][k] for r in res) / len(seeds) for k in sft_rates}
+        kl_eval = mean([r["kl_eval"] for r in res]) if all("kl_eval" in r for r in res) else None  # older caches: none
+        kl = log_mean(res, "kl", slice(-5, None))
         out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
                              "win_rate_ci95": bootstrap_ci(wins), **rates,
-                             # KL to the reference at the end of training (mean of the last 5 iterations)
-                             "kl": mean([mean([x["kl"] for x in r["log"][-5:]]) for r in res]),
+                             # KL to SFT per response on the policy's own samples: the last 5 rollouts of
+                             # training, or for DPO (no rollouts) its evaluation samples (kl_eval)
+                             "kl": kl if kl is not None else kl_eval,
+                             "kl_eval": kl_eval,  # every method: on the evaluation samples of the final policy
                              # does the critic learn? 1 - Var(returns - V) / Var(returns), early and late
-                             "explained_var_early": mean([mean([x["explained_var"] for x in r["log"][:10]]) for r in res]),
-                             "explained_var": mean([mean([x["explained_var"] for x in r["log"][-10:]]) for r in res]),
+                             "explained_var_early": log_mean(res, "explained_var", slice(None, 10)),
+                             "explained_var": log_mean(res, "explained_var", slice(-10, None)),
                              "per_seed": [{"seed": s, "win_rate": sum(w) / len(w), **r["rates"]}
                                           for s, w, r in zip(seeds, wins, res)]}
-    if "ppo" in methods and "fg_ppo" in methods:  # paired: same seeds, same prompts
-        diff = [[a - b for a, b in zip(f["wins"], p["wins"])] for f, p in zip(evals["fg_ppo"], evals["ppo"])]
-        out["fg_ppo_minus_ppo"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
+    for a, b in PAIRED:  # paired: same seeds, same prompts
+        if a in methods and b in methods:
+            diff = [[x - y for x, y in zip(f["wins"], p["wins"])] for f, p in zip(evals[a], evals[b])]
+            out[f"{a}_minus_{b}"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
     out["reward_models"] = rm_metrics_by_seed
     out["timing_s"] = {"stages": timing, "ppo_parts": time_split(evals)}
     return out
@@ -260,12 +302,17 @@ def time_split(evals):
     points, the critic's warm-up and the final evaluation."""
     out = {}
     for m, res in evals.items():
-        split = {p[2:]: sum(row[p] for r in res for row in r["log"]) for p in PARTS}
+        split = {p[2:]: sum(row.get(p, 0.0) for r in res for row in r["log"]) for p in PARTS}  # DPO: update, curve
         split["curve"] += sum(r["t_curve0"] for r in res)  # the first point, before iteration 1
         split["critic_warmup"] = sum(r["t_warmup"] for r in res)
         split["final_eval"] = sum(r["t_final_eval"] for r in res)
         out[m] = split
     return out
+
+
+def number(x, digits=2):
+    """x to digits decimals, or "-" for None (a figure a method does not have)."""
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def results_md(out, methods, world, n_eval, k_ref):
@@ -276,19 +323,20 @@ def results_md(out, methods, world, n_eval, k_ref):
         return "| " + " | ".join(cells) + " |"
     lines = [f"# Results ({len(out['seeds'])} seed(s), {n_eval} evaluation prompts, "
              f"K={k_ref} SFT reference samples each)", "",
-             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL", "length", "expl. var"] + cols),
-             row(["---"] * (6 + len(cols)))]
+             row(["method", "win rate vs SFT [95% CI]", "judge score", "KL", "KL eval", "length", "expl. var"] + cols),
+             row(["---"] * (7 + len(cols)))]
     sft = out["methods"]["sft"]
-    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0", f"{sft['mean_length']:.1f}", ""]
+    lines.append(row(["sft", "0.5 (by definition)", f"{sft['judge_score']:.2f}", "0", "0", f"{sft['mean_length']:.1f}", ""]
                      + [f"{sft[c]:.3f}" for c in cols]))
     for m in methods:
         r = out["methods"][m]
         lo, hi = r["win_rate_ci95"]
-        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", f"{r['kl']:.2f}",
-                          f"{r['mean_length']:.1f}", f"{r['explained_var']:.2f}"] + [f"{r[c]:.3f}" for c in cols]))
-    if "fg_ppo_minus_ppo" in out:
-        d = out["fg_ppo_minus_ppo"]
-        lines += ["", f"fg_ppo - ppo win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
+        lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", number(r["kl"]),
+                          number(r["kl_eval"]), f"{r['mean_length']:.1f}", number(r["explained_var"])]
+                         + [f"{r[c]:.3f}" for c in cols]))
+    for a, b in PAIRED:
+        if (d := out.get(f"{a}_minus_{b}")) is not None:
+            lines += ["", f"{a} - {b} win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]
     if "wrong_first" in sft:
         lines += ["", "Wrong facts by position in the all-facts answers (first / middle / last third of the sentences):"]
         lines += [f"- {m}: " + " / ".join(f"{out['methods'][m][f'wrong_{k}']:.3f}" for k in ("first", "middle", "last"))
@@ -298,9 +346,10 @@ def results_md(out, methods, world, n_eval, k_ref):
         lines += ["", "Fact-flip accuracy of each reward model by the flipped fact's third (first seed):"]
         lines += [f"- {n}: " + " / ".join(f"{m[f'fact_flip_acc_{k}']:.2f}" for k in ("first", "middle", "last"))
                   for n, m in flips.items()]
-    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO iterations; length = response",
+    lines += ["", "KL = summed per-token KL to the SFT reference per response, last 5 PPO / RLOO iterations (DPO, which",
+              "has no rollouts: KL eval); KL eval = the same on the final policy's evaluation samples; length = response",
               "tokens of the evaluation samples (eot included); expl. var = the critic's explained variance of the",
-              "returns, last 10 iterations."]
+              "returns, last 10 iterations (- : no critic)."]
     return "\n".join(lines + world.notes()) + "\n"
 
 
@@ -344,24 +393,29 @@ def plot_curves(out_dir, evals, methods, n_curve):
     keys = ["reward", "kl", "clipfrac", "entropy", "explained_var", "length"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, k in zip(axes.flat, keys):
-        for m in methods:
-            log = evals[m][0]["log"]
-            ax.plot([r["iter"] for r in log], [r[k] for r in log], label=m)
+        for i, m in enumerate(methods):
+            log = [r for r in evals[m][0]["log"] if k in r and "iter" in r]  # RLOO has no critic, DPO no rollouts
+            ax.plot([r["iter"] for r in log], [r[k] for r in log], color=f"C{i}", label=m)
         ax.set_title(k)
         ax.set_xlabel("iteration")
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "ppo_diagnostics.png"), dpi=80)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, k in zip(axes, ["win_rate", "judge_score"]):
-        for m in methods:
+    dpo_axes = [ax.twiny() for ax in axes] if any("step" in evals[m][0]["curve"][0] for m in methods) else []
+    for ax, top, k in zip(axes, dpo_axes or [None, None], ["win_rate", "judge_score"]):
+        for i, m in enumerate(methods):
             curves = [r["curve"] for r in evals[m]]
-            ys = [sum(c[i][k] for c in curves) / len(curves) for i in range(len(curves[0]))]
-            ax.plot([p["iter"] for p in curves[0]], ys, marker="o", label=m)
+            ys = [sum(c[j][k] for c in curves) / len(curves) for j in range(len(curves[0]))]
+            unit = "iter" if "iter" in curves[0][0] else "step"  # DPO: against its steps, on the top axis, dashed
+            (ax if unit == "iter" else top).plot([p[unit] for p in curves[0]], ys, marker="o", color=f"C{i}",
+                                                 linestyle="-" if unit == "iter" else "--", label=m)
         ax.set_title(f"{k} ({n_curve} prompts, mean over seeds)")
-        ax.set_xlabel("PPO iteration")
+        ax.set_xlabel("PPO / RLOO iteration")
+        if top is not None:
+            top.set_xlabel("DPO step (dashed)")
+    axes[0].legend(handles=axes[0].get_lines() + (dpo_axes[0].get_lines() if dpo_axes else []))
     axes[0].axhline(0.5, color="grey", lw=0.5)
-    axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "learning_curves.png"), dpi=80)
     plt.close("all")
@@ -403,8 +457,8 @@ def sweep_report(out_dir, sweep, runs):
         for m in methods:
             r = table[m][n]
             lines.append(f"| {n} | {m} | {r['win_rate']:.3f} [{r['win_rate_ci95'][0]:.3f}, {r['win_rate_ci95'][1]:.3f}]"
-                         f"{' (best)' if best[m] == n else ''} | {r['kl']:.2f} | {r['mean_length']:.1f} | "
-                         f"{r['explained_var']:.2f} |")
+                         f"{' (best)' if best[m] == n else ''} | {number(r['kl'])} | {r['mean_length']:.1f} | "
+                         f"{number(r['explained_var'])} |")
     with open(os.path.join(out_dir, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if len(sweep.split()) == 1:

@@ -17,6 +17,11 @@ score) comes from reward.reward_fn. `train` at the bottom is the whole loop, rol
 update -> log -> checkpoint; it runs as stage 4 of `python train.py`, and
 tests/test_ppo.py checks the pieces.
 
+RLOO (rloo, rloo_fg) is this loop without the critic: each prompt is sampled rloo_k times,
+and rloo_advantages (REINFORCE with a leave-one-out baseline, per-token return-to-go) replaces
+GAE; the rewards, the KL penalty, whitening and the clipped policy loss are PPO's. It
+separates "dense rewards" from "a critic that learns" (ActorCritic(critic=False); no warm-up).
+
 Alignment. All per-token tensors are (B, T) over the full sequence (prompt + response)
 and indexed by the *action* token: column t holds log pi(idx[t] | idx[<t]) and the value
 of the state before idx[t] — both read from the model at position t-1, because the
@@ -77,25 +82,31 @@ class PPOConfig:
     ppo_grad_clip: float = 1.0  # max gradient norm, of the policy and of the critic each
     temperature: float = 1.0    # the same in rollout, reference and training passes
     trunc_penalty: float = -1.0  # added at the last token of a response cut at the length limit
+    rloo_k: int = 4             # rloo, rloo_fg: samples per prompt; rollout_batch / rloo_k prompts per iteration
 
 
 class ActorCritic(nn.Module):
-    """The policy GPT, and a critic: a copy of it as a trunk plus a scalar value head."""
+    """The policy GPT, and a critic: a copy of it as a trunk plus a scalar value head
+    (critic=False, for RLOO: no critic, and forward's values are None)."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, critic=True):
         super().__init__()
-        self.gpt, self.critic = gpt, copy.deepcopy(gpt)
-        self.v_head = nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.v_head.weight)  # V = 0 until the warm-up has taught it something
-        nn.init.zeros_(self.v_head.bias)
+        self.gpt, self.critic, self.v_head = gpt, None, None
+        if critic:
+            self.critic = copy.deepcopy(gpt)
+            self.v_head = nn.Linear(gpt.config.n_embd, 1)
+            nn.init.zeros_(self.v_head.weight)  # V = 0 until the warm-up has taught it something
+            nn.init.zeros_(self.v_head.bias)
 
     def critic_parameters(self):
-        return [*self.critic.parameters(), *self.v_head.parameters()]
+        return [*self.critic.parameters(), *self.v_head.parameters()] if self.critic is not None else []
 
     def forward(self, idx, real, temperature=1.0):
         """Action log-probs and values, both (B, T), aligned to action tokens (see docstring);
         plus the logits (B, T, V) for the entropy."""
         logits = self.gpt.lm_head(self.gpt.hidden(idx, real))  # (B, T, V)
+        if self.critic is None:
+            return token_logprobs(logits, idx, temperature), None, logits
         h = self.critic.hidden(idx, real)  # (B, T, C)
         values = F.pad(self.v_head(h).squeeze(-1)[:, :-1], (1, 0))  # (B, T): V(state before idx[t])
         return token_logprobs(logits, idx, temperature), values.float(), logits
@@ -139,24 +150,55 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, returns
 
 
+def rloo_advantages(rewards, mask, k):
+    """REINFORCE with a leave-one-out baseline, no critic (RLOO: Kool et al., 2019; Ahmadian et
+    al., "Back to Basics", 2024), per token as PRIME does with dense rewards (Cui et al.,
+    "Process Reinforcement through Implicit Rewards", 2025, sec. 3.3). Rows g*k .. g*k+k-1 are
+    k samples of one prompt; with G_{i,t} = sum_{s>=t} r_{i,s} the return-to-go of sample i
+    (gamma = 1) and R_i its whole return,
+
+        A_{i,t} = G_{i,t} - 1/(k-1) * sum_{j != i} R_j
+
+    A final score alone gives every token R_i - mean_{j != i} R_j: RLOO exactly. Dense rewards
+    give each token only the rewards at and after it, as GAE with lam = 1 and V = 0 would, with
+    the other samples' mean return as the baseline. PRIME subtracts its baseline from every
+    token's process reward instead (sum_{s>=t} (r_{i,s} - b)): that pays -b per token, a length
+    bonus or penalty with the sign of the others' mean reward; here the baseline is taken once
+    per response, so it does not depend on the sample's own actions, leaves the objective
+    unchanged, and pays nothing for length (the fair protocol of the README). Masked positions
+    get 0; (B, T) -> (B, T)."""
+    r = torch.where(mask.bool(), rewards, 0.0)  # where, not *: NaN * 0 is NaN
+    G = r.flip(1).cumsum(1).flip(1)  # (B, T) return-to-go
+    R = r.sum(1).view(-1, k)  # (B/k, k) whole returns, a row per prompt
+    baseline = (R.sum(1, keepdim=True) - R) / (k - 1)  # (B/k, k) the mean return of the k-1 others
+    return torch.where(mask.bool(), G - baseline.reshape(-1, 1), 0.0)
+
+
 def kl_penalty_rewards(logp, ref_logp, mask, beta):
     """-beta * (log pi - log pi_ref) per response token (the k1 estimator of the KL)."""
     return torch.where(mask.bool(), -beta * (logp - ref_logp), 0.0)
 
 
-def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip_eps=0.2, clip_vf=0.2):
-    """Clipped policy loss and clipped value loss over valid tokens, with CleanRL's stats."""
+def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
+    """The clipped policy loss over valid tokens (PPO's and RLOO's), with CleanRL's stats."""
     logratio = logp - old_logp
     ratio = logratio.exp()
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)  # pessimistic bound
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_vf, clip_vf)
-    v_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
     with torch.no_grad():
-        stats = {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(),
+        stats = {"pg_loss": pg_loss.item(),
                  "approx_kl": masked_mean((ratio - 1) - logratio, mask).item(),  # k3, Schulman 2020
                  "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item()}
+    return pg_loss, stats
+
+
+def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip_eps=0.2, clip_vf=0.2):
+    """Clipped policy loss and clipped value loss over valid tokens, with CleanRL's stats."""
+    pg_loss, stats = policy_loss(logp, old_logp, advantages, mask, clip_eps)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_vf, clip_vf)
+    v_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    stats["v_loss"] = v_loss.item()
     return pg_loss, v_loss, stats
 
 
@@ -187,7 +229,7 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     """Sample responses and compute everything the update needs, as a dict of (B, T) tensors.
     reward_fn(idx, real, resp_mask) -> (B, T) task rewards (dense, or on the last token)."""
     policy.eval(), ref.eval()  # no dropout in any model during RL
-    watch = Stopwatch(policy.v_head.weight.device)
+    watch = Stopwatch(policy.gpt.lm_head.weight.device)
     idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
                                             temperature=cfg.temperature, generator=generator)
     watch.lap("t_sample")
@@ -203,10 +245,13 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     truncated = ~((idx == eot) & resp_mask.bool()).any(1)  # (B,) no <|endoftext|> within the limit
     score = score + final_token_rewards(truncated.float() * cfg.trunc_penalty, resp_mask)
     rewards = kl_penalty_rewards(logp, ref_logp, resp_mask, cfg.beta) + score
-    advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)  # returns before whitening
+    if values is None:  # no critic: RLOO over the rloo_k samples of each prompt (consecutive rows)
+        advantages, critic = rloo_advantages(rewards, resp_mask, cfg.rloo_k), {}
+    else:
+        advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)  # returns before whitening
+        critic = {"values": values, "returns": returns}
     advantages = whiten(advantages, resp_mask)
-    return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, values=values, rewards=rewards,
-                advantages=advantages, returns=returns,
+    return dict(idx=idx, real=real, resp_mask=resp_mask, logp=logp, rewards=rewards, advantages=advantages, **critic,
                 stats={"reward": dist.mean(score.sum(1)).item(), "kl": dist.mean(kl.sum(1)).item(),  # of all ranks
                        "length": dist.mean(resp_mask.sum(1)).item(), "truncated": dist.mean(truncated.float()).item(),
                        **watch.times})
@@ -224,9 +269,13 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
             mb = perm[start:start + mb_size]
             mb_resp_mask = batch["resp_mask"][mb]
             logp, values, logits = policy(batch["idx"][mb], batch["real"][mb], cfg.temperature)
-            pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
-                                          batch["values"][mb], batch["returns"][mb], mb_resp_mask,
-                                          cfg.clip_eps, cfg.clip_vf)
+            if values is None:  # no critic (RLOO): the clipped policy term alone
+                (pg_loss, s), v_loss = policy_loss(logp, batch["logp"][mb], batch["advantages"][mb], mb_resp_mask,
+                                                   cfg.clip_eps), 0.0
+            else:
+                pg_loss, v_loss, s = ppo_loss(logp, batch["logp"][mb], batch["advantages"][mb], values,
+                                              batch["values"][mb], batch["returns"][mb], mb_resp_mask,
+                                              cfg.clip_eps, cfg.clip_vf)
             # separate parameters: no weight needed. The warm-up keeps 0 x the policy loss, so that
             # every parameter has a gradient (as DDP requires), and then drops the policy's below
             loss = (0.0 if critic_only else 1.0) * pg_loss + v_loss
@@ -243,6 +292,8 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
                 s["entropy"] = entropy(logits, mb_resp_mask, cfg.temperature).item()
             stats.append(s)
     out = dist.average({k: sum(s[k] for s in stats) / len(stats) for k in stats[0]})  # and over the ranks
+    if "returns" not in batch:  # no critic (RLOO), nothing to explain
+        return out
     b_returns, b_values, m = batch["returns"], batch["values"], batch["resp_mask"].bool()
     var_y = dist.var(b_returns[m])  # over every rank's rollouts
     out["explained_var"] = float("nan") if var_y == 0 else (1 - dist.var(b_returns[m] - b_values[m]) / var_y).item()
@@ -278,7 +329,7 @@ def train(policy, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, s
         watch = Stopwatch(gen.device)
         state = {"iter": 0, "log": [], "curve": [curve_point(0)], "warmup_explained_var": []}
         watch.lap("t_curve0")  # the learning curve's first point, before iteration 1
-        for _ in range(cfg.vf_warmup):  # the critic learns the SFT policy's values before any policy step
+        for _ in range(cfg.vf_warmup if policy.critic is not None else 0):  # the critic learns the SFT policy's values before any policy step
             batch = rollout(policy, ref, next_prompts(rng), reward_fn, cfg, eot, pad, max_new_tokens,
                             dist.rank_generator(gen))
             state["warmup_explained_var"].append(

@@ -18,8 +18,9 @@ Reward models on a GPT trunk initialised from the SFT weights:
 
 Below the models: how a minimal edit becomes per-token classes (label_pair, rm_examples),
 the training loops (train_token_rm, train_seq_rm), the reward scale fitted on SFT samples
-(fit_norm), and what each RL method reads per token (METHODS, reward_fn): the answer to
-"what reward does fine-grained PPO get?". Labels use -1 for "ignore" (prompt, padding), as
+(fit_norm), what each --methods name means (METHODS: its algorithm, its reward or its pairs),
+and what each RL method reads per token (reward_fn): the answer to "what reward does
+fine-grained PPO get?". Labels use -1 for "ignore" (prompt, padding), as
 nanoGPT's targets do. Run as stage 3 of `python train.py`; tests/test_reward.py checks it.
 """
 
@@ -27,6 +28,7 @@ import dataclasses
 import os
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -273,12 +275,28 @@ def normalise(r, resp_mask, norm):
 # -----------------------------------------------------------------------------
 # What each RL method reads: a (B, T) reward tensor over prompt + response.
 
-METHODS = {  # method: (reward source, dense per-token or final)
-    "ppo": ("seq", False),               # sequence RM on (chosen > rejected), at the eot
-    "fg_ppo": ("token", True),           # token RM on the edits, on every response token
-    "ppo_edits": ("seq_edits", False),   # sequence RM on (edited > rejected): same data, one number
-    "oracle_ppo": ("judge", False),      # gold judge score at the end (control, beyond the paper)
-    "oracle_fg": ("judge", True),        # the same judge score, paid where each verdict is decided
+class Method(NamedTuple):
+    """What a --methods name means: the loop that trains the policy and what it learns from."""
+    algo: str          # ppo (clipped PPO with a critic) | rloo (the same clipped loss, no critic) | dpo (no RL)
+    reward: str = ""   # ppo, rloo: the reward source, an RM of rm/seed*/ (seq, token, seq_edits) or the judge
+    dense: bool = False  # ppo, rloo: the reward on every response token, or one score at the eot
+    better: str = ""   # dpo: the field of a pair that DPO prefers to "rejected" (chosen or edited)
+
+    @property
+    def needs_edits(self):
+        return self.reward in ("token", "seq_edits") or self.better == "edited"
+
+
+METHODS = {
+    "ppo": Method("ppo", "seq"),                 # sequence RM on (chosen > rejected), at the eot
+    "fg_ppo": Method("ppo", "token", True),      # token RM on the edits, on every response token
+    "ppo_edits": Method("ppo", "seq_edits"),     # sequence RM on (edited > rejected): same data, one number
+    "oracle_ppo": Method("ppo", "judge"),        # gold judge score at the end (control, beyond the paper)
+    "oracle_fg": Method("ppo", "judge", True),   # the same judge score, paid where each verdict is decided
+    "rloo": Method("rloo", "seq"),               # ppo's reward, no critic: leave-one-out baseline (ppo.rloo_advantages)
+    "rloo_fg": Method("rloo", "token", True),    # fg_ppo's reward, no critic: per-token return-to-go minus the baseline
+    "dpo": Method("dpo", better="chosen"),       # DPO on (chosen > rejected), the pairs ppo's RM learns from (dpo.py)
+    "dpo_edits": Method("dpo", better="edited"), # DPO on (edited > rejected): the edits, implicitly token-level
 }
 
 
@@ -333,7 +351,7 @@ def reward_fn(method, rm_dir, chat, samples, rmc, device):
     """(idx, real, resp_mask) -> (B, T) task rewards of a method, normalised on the SFT
     samples {"prompts", "responses"}: dense rewards on every response token, or a final
     score on the eot (the KL penalty is added by ppo.rollout)."""
-    source, dense = METHODS[method]
+    source, dense = METHODS[method].reward, METHODS[method].dense
     if source in ("seq", "token", "seq_edits"):
         rm, norm = load_rm(os.path.join(rm_dir, f"{source}.pt"), device)
         if dense:

@@ -5,14 +5,14 @@ The whole pipeline of fine-grained RLHF from minimal edits, one straight line:
     1. sft        a GPT (or GPT-2's weights) on the corpus or your responses    -> sft/
     2. prefs      two SFT samples per prompt, judge picks, annotator edits      -> prefs.jsonl, prefs/
     3. rm         token-level RM (diff labels) and sequence-level BT RMs        -> rm/
-    4. ppo        PPO (sequence reward) and fine-grained PPO (token rewards)    -> ppo/
+    4. ppo        per method and seed: PPO or RLOO (an RM's reward), DPO (pairs) -> ppo/
     5. report     win rate against SFT, error rates, plots                      -> results.json, results.md
 
 Each stage reads the files of the stages before it and writes its own; a stage whose
 outputs exist is skipped (`--force` redoes everything). The method lives in the files the
 stages call: reward.py (labels, reward models, the reward each method gets), ppo.py (the
-PPO loop), evaluation.py (win rate, diagnostics, report); world.py says where data and
-judgements come from. Run:
+PPO and RLOO loop), dpo.py (DPO), evaluation.py (win rate, diagnostics, report); world.py
+says where data and judgements come from. Run:
 
     python train.py                       # default preset, CPU or GPU autodetected
     python train.py --preset=tiny         # the whole pipeline in about a minute
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import data
 import distributed as dist
+import dpo
 import evaluation
 import ppo
 import reward
@@ -252,6 +253,7 @@ def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
 
 
 def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
+    """PPO (with a critic) or RLOO (without: rloo_k samples per prompt) of one method and seed."""
     path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"{method} seed {seed}"
     if os.path.exists(path) and torch.load(path, weights_only=True)["iter"] == pc.ppo_iters:
         print(f"ppo {name}: {path} complete, skipping (--force to redo)")
@@ -259,24 +261,38 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
     ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
     ref = load_gpt(sft_path, device).eval().requires_grad_(False)  # the frozen SFT reference
-    policy = ppo.ActorCritic(load_gpt(sft_path, device)).to(device)
+    k = pc.rloo_k if reward.METHODS[method].algo == "rloo" else 1
+    policy = ppo.ActorCritic(load_gpt(sft_path, device), critic=k == 1).to(device)
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     reward_fn = reward.reward_fn(method, os.path.join(cfg.out, "rm", f"seed{seed}"), chat, samples, rmc, device)
 
-    def next_prompts(rng):  # the same batch on every rank (one rng), then this rank's share
-        return dist.shard([chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch)])
-
-    def curve_point(it):  # win rate and judge score on the first n_curve evaluation prompts
-        wins, rates, _ = evaluation.evaluate(policy.gpt, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
-        return {"iter": it, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]}
+    def next_prompts(rng):  # the same prompts on every rank (one rng), then this rank's share, each k times in a row
+        prompts = [chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch // k)]
+        return [p for p in dist.shard(prompts) for _ in range(k)]  # rollout_batch responses in all
 
     try:
         state = ppo.train(policy, ref, reward_fn, next_prompts, pc, chat.eot, chat.pad, cfg.max_new_tokens, seed,
-                          path, name, curve_point, cfg.eval_every, cfg.ckpt_every, cfg.stop_after)
+                          path, name, evaluation.curve(policy.gpt, ev, world, chat, cfg, "iter"), cfg.eval_every,
+                          cfg.ckpt_every, cfg.stop_after)
     except FloatingPointError as e:
         sys.exit(f"error: ppo {name} stopped: {e}; the last good checkpoint {path} is intact")
     if state["iter"] < pc.ppo_iters:
         sys.exit(f"stopped after {cfg.stop_after} iterations (--stop_after); rerun to resume")
+
+
+def stage_dpo(cfg, world, chat, dc, ppo_pc, method, seed, device):
+    """DPO of one method and seed (dpo.py) on the training pairs of the seed's reward models,
+    dpo_steps steps or, with 0, as many as standard PPO's policy updates (ppo_pc)."""
+    path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"{method} seed {seed}"
+    if skip(cfg, path):  # saved once, at the end (a killed run starts again)
+        return
+    sft_path = os.path.join(cfg.out, "sft", "model.pt")
+    ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
+    ref = load_gpt(sft_path, device).eval().requires_grad_(False)  # the frozen SFT reference
+    policy = load_gpt(sft_path, device)
+    steps = dc.dpo_steps or ppo_pc.ppo_iters * ppo_pc.ppo_epochs * -(-ppo_pc.rollout_batch // ppo_pc.minibatch)
+    dpo.train(policy, ref, chat, rm_split(cfg, seed)[0], reward.METHODS[method].better, dc, steps, seed, path, name,
+              evaluation.curve(policy, ev, world, chat, cfg, "step"), device)
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +307,7 @@ def run(cfgs, pcs, force, preset):
 
 def prepare(cfgs, pcs, force, preset):
     """Stages 0-3 and the evaluation set; returns what the PPO runs and the report need."""
-    cfg, world_cfg, rmc, _ = (cfgs[c] for c in SECTIONS)
+    cfg, world_cfg, rmc = cfgs[Config], cfgs[data.WorldConfig], cfgs[reward.RMConfig]
     methods = cfg.methods.split(",")
     try:  # your data is read and checked before anything is written
         device = dist.setup(pick_device(cfg.device))  # under torchrun: joins the ranks, cuda:LOCAL_RANK
@@ -302,12 +318,14 @@ def prepare(cfgs, pcs, force, preset):
         sys.exit(f"error: {e}")
     pc = cfgs[ppo.PPOConfig]
     dist.check(cfg.jobs, dict(sft_batch=cfg.sft_batch, rm_batch=rmc.rm_batch, rollout_batch=pc.rollout_batch,
-                              minibatch=pc.minibatch))
+                              minibatch=pc.minibatch, dpo_batch=cfgs[dpo.DPOConfig].dpo_batch))
     if not world.gold and any(m.startswith("oracle") for m in methods):
         sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
-    if not world.has_edits:
-        methods = [m for m in methods if m == "ppo"]
-        print("note: not every record has an 'edited' field, so only the sequence-level method (ppo) runs")
+    if not world.has_edits:  # the token RM, the RM on edits and DPO on edits need an edit in every pair
+        methods = [m for m in methods if not reward.METHODS[m].needs_edits]
+        if not methods:
+            sys.exit(f"error: --methods={cfg.methods} all need an 'edited' field in every record of {cfg.data}")
+        print(f"note: not every record has an 'edited' field, so only the methods without edits run: {', '.join(methods)}")
     config = {k: v for c in SECTIONS for k, v in dataclasses.asdict(cfgs[c]).items()}
     config["ppo_by_method"] = {m: d for m, pc in pcs.items()  # where a method's settings differ from the flat ones
                                if (d := {k: v for k, v in dataclasses.asdict(pc).items() if v != config[k]})}
@@ -319,7 +337,7 @@ def prepare(cfgs, pcs, force, preset):
     print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)"
           + (f" | torchrun: {dist.world_size} processes" if dist.ddp else ""))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m][0] for m in methods}]
+    rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m].reward for m in methods}]
     timing = {}
 
     def timed(name, f, *args):
@@ -351,8 +369,10 @@ def prepare(cfgs, pcs, force, preset):
 
 
 def ppo_tasks(c):
-    """The independent PPO runs of a prepared pipeline, one per (seed, method)."""
-    return [(stage_ppo, (c.cfg, c.world, c.chat, c.rmc, c.pcs[m], m, s, c.device)) for s in c.seeds for m in c.methods]
+    """The independent policy runs of a prepared pipeline (PPO, RLOO, DPO), one per (seed, method)."""
+    return [(stage_dpo, (c.cfg, c.world, c.chat, c.pcs[m], c.pcs["ppo"], m, s, c.device))
+            if reward.METHODS[m].algo == "dpo" else (stage_ppo, (c.cfg, c.world, c.chat, c.rmc, c.pcs[m], m, s, c.device))
+            for s in c.seeds for m in c.methods]
 
 
 def report(c):
@@ -368,7 +388,8 @@ def sweep(cfgs, pcs, force, preset):
     preference data and reward models. The PPO runs of all points share one pool of workers.
     Then <out>/sweep.json and <out>/sweep.md (evaluation.sweep_report)."""
     points = sweep_grid(cfgs, pcs)
-    only_ppo = all(one[c] == cfgs[c] for _, one, _ in points for c in SECTIONS if c not in (Config, ppo.PPOConfig))
+    only_ppo = all(one[c] == cfgs[c] for _, one, _ in points for c in SECTIONS
+                   if c not in (Config, ppo.PPOConfig, dpo.DPOConfig))
     shared = ["sft", "tokenizer.tiktoken", "eval"] + (["prefs", "prefs.jsonl", "rm"] if only_ppo else [])
     first, ctxs = points[0][1][Config].out, []
     for i, (name, one, one_pcs) in enumerate(points):

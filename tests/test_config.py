@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import data  # noqa: E402
+import dpo  # noqa: E402
 import ppo  # noqa: E402
 import reward  # noqa: E402
 
@@ -86,6 +87,23 @@ def test_tuned_settings_per_method_and_flags_override_them(monkeypatch):
     assert pcs["ppo_edits"] == cfgs[ppo.PPOConfig] and pcs["ppo"].ppo_iters == config.PRESETS["tiny"]["ppo_iters"]
 
 
+def test_each_method_gets_its_algorithms_settings_and_rloo_sizes_are_checked(monkeypatch):
+    """dpo and dpo_edits get a DPOConfig (TUNED may hold its fields), the others a PPOConfig;
+    a sweep key of one section reaches only the methods it configures; RLOO needs
+    rollout_batch to be a multiple of rloo_k (>= 2), else one line."""
+    monkeypatch.setattr(config, "TUNED", {"dpo": {"beta_dpo": 0.3}})
+    cfgs, pcs, _, _ = config.parse_args(["--preset=tiny", "--dpo_lr=1e-4", "--sweep=beta_dpo:0.2 beta:0.1"])
+    assert pcs["dpo"] == dpo.DPOConfig(beta_dpo=0.3, dpo_lr=1e-4) and pcs["dpo_edits"].beta_dpo == 0.1
+    assert isinstance(pcs["rloo"], ppo.PPOConfig) and pcs["rloo_fg"].rloo_k == 4
+    (_, _, one_pcs), = config.sweep_grid(cfgs, pcs)
+    assert one_pcs["dpo"].beta_dpo == 0.2 and one_pcs["ppo"].beta == 0.1 and one_pcs["rloo"].beta == 0.1
+    for argv, words in ((["--methods=ppo,rloo", "--rollout_batch=10"], ["rloo", "--rollout_batch=10", "--rloo_k=4"]),
+                        (["--rloo_k=1"], ["--rloo_k=1 must be at least 2"])):
+        with pytest.raises(SystemExit) as e:
+            config.parse_args(argv)
+        assert "\n" not in str(e.value.code) and all(w in str(e.value.code) for w in words), e.value.code
+
+
 def test_sweep_grid_points():
     """--sweep="lam:0.9,1 beta:0.01,0.1,0.2" is the 6 points of the grid, each in its own folder,
     the swept keys set for every method; a key that changes SFT is refused in one line."""
@@ -94,7 +112,8 @@ def test_sweep_grid_points():
     assert [n for n, _, _ in points] == [f"lam={a},beta={b}" for a in ("0.9", "1") for b in ("0.01", "0.1", "0.2")]
     name, one, one_pcs = points[4]
     assert one[config.Config].out == os.path.join("o", name) and one[config.Config].sweep == ""
-    assert one[ppo.PPOConfig].lam == 1.0 and all(pc.lam == 1.0 and pc.beta == 0.1 for pc in one_pcs.values())
+    assert one[ppo.PPOConfig].lam == 1.0 and all(pc.lam == 1.0 and pc.beta == 0.1 for pc in one_pcs.values()
+                                                 if isinstance(pc, ppo.PPOConfig))
     for bad in ("n_layer:2,3", "beta:abc", "nope:1"):
         cfgs, pcs, _, _ = config.parse_args([f"--sweep={bad}"])
         with pytest.raises(SystemExit) as e:

@@ -113,6 +113,61 @@ def test_actor_critic_values_are_causal():
 
 
 # -----------------------------------------------------------------------------
+# RLOO: the leave-one-out advantages, against a plain loop
+
+def reference_rloo(rewards, mask, k):
+    """Plain Python RLOO in double precision: rows b of group b // k; a valid token's advantage
+    is the row's return-to-go from it minus the mean whole return of the group's other rows."""
+    B, T = rewards.shape
+    valid = [[t for t in range(T) if bool(mask[b, t])] for b in range(B)]
+    R = [sum(float(rewards[b, t]) for t in valid[b]) for b in range(B)]
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        baseline = sum(R[j] for j in range(b // k * k, b // k * k + k) if j != b) / (k - 1)
+        for t in valid[b]:
+            adv[b][t] = sum(float(rewards[b, s]) for s in valid[b] if s >= t) - baseline
+    return torch.tensor(adv, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("dense", [True, False])
+def test_rloo_advantages_match_reference_loop(k, dense):
+    """rloo_advantages equals the loop for k = 2 and 4, dense rewards and a final score (NaN
+    junk off the responses, an empty response); with a final score every token of a response
+    gets R_i - mean_{j != i} R_j, Ahmadian et al.'s RLOO."""
+    B, T = 3 * k, 9
+    mask = response_masks(B, T, seed=k)
+    g = torch.Generator().manual_seed(k)
+    if dense:
+        rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    else:
+        rewards = final_token_rewards(torch.randn(B, generator=g), mask.float()).double()
+    rewards = torch.where(mask, rewards, float("nan"))
+    adv = ppo.rloo_advantages(rewards, mask, k)
+    torch.testing.assert_close(adv, reference_rloo(rewards, mask, k), atol=1e-12, rtol=0)
+    assert (adv[~mask] == 0).all()
+    if not dense:
+        R = torch.where(mask, rewards, 0.0).sum(1).view(-1, k)  # (B/k, k)
+        loo = (R - (R.sum(1, keepdim=True) - R) / (k - 1)).reshape(-1)  # (B,)
+        for b in range(B):
+            torch.testing.assert_close(adv[b][mask[b]], loo[b].expand(int(mask[b].sum())))
+
+
+def test_rloo_baseline_ignores_the_samples_own_return():
+    """The baseline of sample i is the other samples' returns only: changing sample i's rewards
+    moves its own advantages by exactly that change, and the others' by the change / (k-1)."""
+    k, T = 4, 6
+    mask = torch.ones(k, T, dtype=torch.bool)
+    rewards = torch.randn(k, T, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bumped = rewards.clone()
+    bumped[1, 2] += 3.0
+    a, b = ppo.rloo_advantages(rewards, mask, k), ppo.rloo_advantages(bumped, mask, k)
+    torch.testing.assert_close(b[1] - a[1], torch.tensor([3.0, 3.0, 3.0, 0, 0, 0], dtype=torch.float64))
+    for j in (0, 2, 3):
+        torch.testing.assert_close(b[j] - a[j], torch.full((T,), -1.0, dtype=torch.float64))
+
+
+# -----------------------------------------------------------------------------
 # Rollout
 
 CFG = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=2, ppo_lr=1e-3, beta=0.05)
@@ -354,6 +409,30 @@ def test_update_learns_to_emit_rewarded_token():
     p_after = p7()
     assert p_after > 3 * p_before, (p_before, p_after)
     assert sum(rewards[-5:]) > sum(rewards[:5]) + 1.0, rewards
+
+
+def test_rloo_without_critic_rollout_update_and_loop(tmp_path):
+    """ActorCritic(critic=False): the rollout's advantages are the whitened RLOO advantages of
+    its rewards and it has no values or returns; an update changes the policy with the clipped
+    policy loss alone (no v_loss, no explained_var); the loop runs no critic warm-up."""
+    torch.manual_seed(0)
+    policy, ref = ActorCritic(tiny(0), critic=False), tiny(5)
+    assert policy.critic_parameters() == [] and len(list(policy.parameters())) == len(list(policy.gpt.parameters()))
+    cfg = PPOConfig(rollout_batch=8, minibatch=4, rloo_k=4, ppo_lr=1e-3, vf_warmup=3, ppo_iters=2)
+    prompts = [p for p in random_prompts(2, seed=3) for _ in range(cfg.rloo_k)]  # 2 prompts x 4 samples
+    batch = _rollout(policy, ref, cfg, prompts=prompts)
+    assert "values" not in batch and "returns" not in batch
+    mask = batch["resp_mask"]
+    expected = whiten(ppo.rloo_advantages(batch["rewards"], mask, cfg.rloo_k), mask)
+    torch.testing.assert_close(batch["advantages"], expected, atol=1e-6, rtol=0)
+    before = copy.deepcopy(policy.state_dict())
+    stats = ppo.update(policy, ppo.make_optimizer(policy, cfg), batch, cfg, torch.Generator().manual_seed(0))
+    assert set(stats) == STAT_KEYS - {"v_loss", "explained_var"}
+    assert any(not torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    state = ppo.train(policy, ref, dense_reward, lambda rng: prompts, cfg, EOT, PAD, 6, 0, str(tmp_path / "r.pt"),
+                      "rloo test", lambda it: {"iter": it}, eval_every=1, ckpt_every=1)
+    assert state["iter"] == 2 and state["warmup_explained_var"] == []
+    assert all("explained_var" not in row and "v_loss" not in row for row in state["log"])
 
 
 # -----------------------------------------------------------------------------

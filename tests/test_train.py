@@ -122,6 +122,28 @@ def test_end_to_end_outputs_and_schema(ref):
         assert all(v > 0 for v in split.values()), split
 
 
+def test_rloo_and_dpo_run_end_to_end(tmp_path):
+    """rloo, rloo_fg, dpo and dpo_edits run through the pipeline into results.json and results.md:
+    no critic figures, a KL for each (DPO's on its own samples), their paired differences, RLOO's
+    iterations and DPO's steps as learning curves (DPO: PPO's 4 x 2 x 2 = 16 policy steps)."""
+    out = tmp_path / "run"
+    methods = ["rloo", "rloo_fg", "dpo", "dpo_edits"]
+    ok(run(out, f"--methods={','.join(methods)}"))
+    res = results(out)
+    assert set(res["methods"]) == {"sft", *methods} and "rloo_fg_minus_rloo" in res and "dpo_edits_minus_dpo" in res
+    for m in methods:
+        r = res["methods"][m]
+        assert r["explained_var"] is None and isinstance(r["kl_eval"], float) and 0 <= r["win_rate"] <= 1
+    assert res["methods"]["dpo"]["kl"] == res["methods"]["dpo"]["kl_eval"]
+    assert not os.path.exists(os.path.join(out, "rm", f"seed{SEED}", "seq_edits.pt"))  # no method needs it
+    curve = json.load(open(os.path.join(out, "ppo", f"dpo_seed{SEED}.eval.json")))["curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    log = json.load(open(os.path.join(out, "ppo", f"rloo_fg_seed{SEED}.eval.json")))["log"]
+    assert [row["iter"] for row in log] == [1, 2, 3, 4] and "v_loss" not in log[0]
+    md = open(os.path.join(out, "results.md")).read()
+    assert all(f"| {m} |" in md for m in methods) and "dpo_edits - dpo win rate" in md
+
+
 def test_sweep_runs_every_point_and_picks_each_methods_best(ref, tmp_path):
     """--sweep over two PPO keys: every point of the grid gets its own folder and results,
     sharing the first point's SFT model and reward models (copied, not retrained);
@@ -358,7 +380,7 @@ def test_own_data_runs_end_to_end_with_judge_rm(tmp_path):
                                                  for r in recs])
     out = tmp_path / "noedit"
     p = ok(run(out, f"--data={no_edits}"))
-    assert "only the sequence-level method (ppo) runs" in p.stdout
+    assert "only the methods without edits run: ppo" in p.stdout
     assert set(results(out)["methods"]) == {"sft", "ppo"}
 
 
