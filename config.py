@@ -197,7 +197,11 @@ def prepare_out(out, config, force):
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
     elif os.path.exists(cpath):
         old = json.load(open(cpath))
-        changed = [k for k in config if k not in UNCHECKED and old.get(k) != config[k]]
+        # a key the folder's config lacks did not exist when it ran; tuned settings are compared
+        # for the methods both configs tune
+        same = {"ppo_by_method": lambda a, b: all(a[m] == b[m] for m in a.keys() & b.keys())}
+        changed = [k for k in config if k not in UNCHECKED and k in old
+                   and not same.get(k, lambda a, b: a == b)(old[k], config[k])]
         if changed:
             sys.exit(f"error: {out} holds a run with a different config ("
                      + ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)

@@ -24,9 +24,11 @@ import argparse
 import copy
 import glob
 import html
+import itertools
 import json
 import os
 import random
+import sys
 import time
 
 import torch
@@ -602,14 +604,71 @@ def plot_annotator_noise(path, folder, only=""):
     plt.close("all")
 
 
+def frontier(path, folders, kl_tol=0.1):
+    """The KL frontier across run folders (each a run or a --sweep folder, all sharing one
+    SFT model and evaluation set): every (point, method) as win rate against SFT [95% CI] at
+    its KL, plotted win rate against KL at path, and for each two points of different methods
+    whose KLs differ by at most kl_tol (matched KL) the paired difference of their win rates
+    over the seeds they share, prompt by prompt. Returns the printed table's lines."""
+    runs = {}  # (point, method) -> (KL, {seed: wins per prompt})
+    refs = set()
+    for folder in folders:
+        for name, d in run_points(folder).items():
+            r = json.load(open(os.path.join(d, "results.json")))
+            refs.add(open(os.path.join(d, "eval", "refs.json")).read())
+            for m in (m for m in r["methods"] if m != "sft"):
+                wins = {s: json.load(open(os.path.join(d, "ppo", f"{m}_seed{s}.eval.json")))["wins"] for s in r["seeds"]}
+                runs[(f"{os.path.basename(os.path.normpath(folder))}/{name}", m)] = (r["methods"][m]["kl"], wins)
+    if len(refs) > 1:
+        sys.exit("error: the folders do not share one evaluation set; their win rates cannot be paired")
+    lines = ["| point | method | seeds | win rate vs SFT [95% CI] | KL |", "| --- | --- | --- | --- | --- |"]
+    for (p, m), (kl, wins) in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[1][0])):
+        w = list(wins.values())
+        ci = bootstrap_ci(w)
+        lines.append(f"| {p} | {m} | {len(w)} | {sum(map(sum, w)) / sum(map(len, w)):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {kl:.2f} |")
+    lines += ["", f"Paired differences at matched KL (|KL difference| <= {kl_tol}), over the seeds both ran:", ""]
+    order = list(reward.METHODS)  # a pair reads later method - earlier one, as fg_ppo - ppo in results.json
+    for (b, (kl_b, wb)), (a, (kl_a, wa)) in itertools.combinations(sorted(runs.items(), key=lambda kv: order.index(kv[0][1])), 2):
+        if a[1] != b[1] and abs(kl_a - kl_b) <= kl_tol and (seeds := sorted(wa.keys() & wb.keys())):
+            diff = [[x - y for x, y in zip(wa[s], wb[s])] for s in seeds]
+            ci = bootstrap_ci(diff)
+            lines.append(f"- {a[1]} {a[0]} (KL {kl_a:.2f}) - {b[1]} {b[0]} (KL {kl_b:.2f}): "
+                         f"{sum(map(sum, diff)) / sum(map(len, diff)):+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], {len(seeds)} seeds")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, m in enumerate(dict.fromkeys(m for _, m in runs)):
+        pts = sorted((kl, [sum(map(sum, wins.values())) / sum(map(len, wins.values()))], bootstrap_ci(list(wins.values())), p)
+                     for (p, mm), (kl, wins) in runs.items() if mm == m)
+        x, y = [q[0] for q in pts], [q[1][0] for q in pts]
+        ax.errorbar(x, y, yerr=[[v - q[2][0] for v, q in zip(y, pts)], [q[2][1] - v for v, q in zip(y, pts)]],
+                    marker="o", capsize=3, color=f"C{i}", label=m)
+        for q in pts:
+            ax.annotate(q[3].split("/", 1)[1], (q[0], q[1][0]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("KL to SFT per response")
+    ax.set_ylabel("win rate vs SFT (95% CI)")
+    ax.set_title("win rate / KL frontier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+    print("\n".join(lines))
+    return lines
+
+
 LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (README: Classroom kit).")
-    ap.add_argument("lab", choices=list(LABS))
-    ap.add_argument("folder", help="a --sweep folder (reward_hacking also takes one run's folder)")
-    ap.add_argument("--out", help="where to write the figure (default: <folder>/<lab>.png)")
+    ap.add_argument("lab", choices=[*LABS, "frontier"])
+    ap.add_argument("folder", nargs="+", help="a --sweep folder (reward_hacking also takes one run's folder; "
+                                             "frontier takes several)")
+    ap.add_argument("--out", help="where to write the figure (default: <first folder>/<lab>.png)")
     ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
     args = ap.parse_args()
-    LABS[args.lab](args.out or os.path.join(args.folder, f"{args.lab}.png"), args.folder, args.only)
-    print(args.out or os.path.join(args.folder, f"{args.lab}.png"))
+    out = args.out or os.path.join(args.folder[0], f"{args.lab}.png")
+    if args.lab == "frontier":
+        frontier(out, args.folder)
+    else:
+        LABS[args.lab](out, args.folder[0], args.only)
+    print(out)

@@ -139,3 +139,16 @@ def test_help_lists_every_field_by_section_with_default_and_comment():
     assert "--beta FLOAT weight of the per-token KL penalty to the SFT reference (default: 0.05)" in text
     assert "class weight of \"bad\" in the token loss; 1 keeps p(bad) calibrated" in text  # a comment on two lines
     assert "--preset {default,tiny,gpu}" in text
+
+
+def test_prepare_out_keys_a_folder_predates_and_untuned_methods_pass(tmp_path, capsys):
+    """A folder's config.json without a key that was added since passes, as do tuned settings of
+    methods only one config has; a changed value, or a changed setting of a method both tune, is refused."""
+    out = str(tmp_path)
+    old = {"beta": 0.05, "ppo_by_method": {"ppo": {"lam": 1.0}}}
+    config.data.write_json(old, os.path.join(out, "config.json"))
+    config.prepare_out(out, {**old, "rloo_k": 4, "ppo_by_method": {"ppo": {"lam": 1.0}, "rloo": {"lam": 0.9}}}, False)
+    for changed in ({"beta": 0.1}, {"ppo_by_method": {"ppo": {"lam": 0.95}}}):
+        config.data.write_json(old, os.path.join(out, "config.json"))
+        with pytest.raises(SystemExit, match=next(iter(changed))):
+            config.prepare_out(out, {**old, **changed}, False)

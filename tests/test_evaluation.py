@@ -131,3 +131,31 @@ def test_lab_figures_from_a_sweep_folder(tmp_path):
     for lab, plot in evaluation.LABS.items():
         plot(str(tmp_path / f"{lab}.png"), str(tmp_path))
         assert (tmp_path / f"{lab}.png").stat().st_size > 1000
+
+
+def fake_frontier_point(d, method, kl, wins, refs="same prompts"):
+    """A finished run folder with what evaluation.frontier reads: results.json (seeds, a
+    method's KL), eval/refs.json and each seed's final evaluation (wins per prompt)."""
+    os.makedirs(os.path.join(d, "eval"))
+    os.makedirs(os.path.join(d, "ppo"))
+    open(os.path.join(d, "eval", "refs.json"), "w").write(refs)
+    json.dump({"seeds": sorted(wins), "methods": {"sft": {}, method: {"kl": kl}}}, open(os.path.join(d, "results.json"), "w"))
+    for s, w in wins.items():
+        json.dump({"wins": w}, open(os.path.join(d, "ppo", f"{method}_seed{s}.eval.json"), "w"))
+
+
+def test_frontier_pairs_only_points_at_matched_kl(tmp_path):
+    """Points of different methods within kl_tol are paired prompt by prompt over the seeds
+    both ran (hand-computed mean); a far-apart or same-method pair is not; folders with
+    different evaluation sets are refused."""
+    fake_frontier_point(tmp_path / "a", "ppo", 0.80, {1: [1, 0, 1, 1], 2: [0, 0, 1, 1]})
+    fake_frontier_point(tmp_path / "b", "fg_ppo", 0.75, {1: [1, 1, 1, 1], 2: [0, 1, 1, 1], 3: [0, 0, 0, 0]})
+    fake_frontier_point(tmp_path / "c", "fg_ppo", 1.20, {1: [0, 0, 0, 0]})
+    lines = evaluation.frontier(str(tmp_path / "f.png"), [str(tmp_path / n) for n in "abc"], kl_tol=0.1)
+    pairs = [x for x in lines if x.startswith("- ")]
+    assert len(pairs) == 1 and "fg_ppo b/b (KL 0.75) - ppo a/a (KL 0.80)" in pairs[0]
+    assert "+0.250" in pairs[0] and "2 seeds" in pairs[0]  # (1 + 1) / 8 over seeds 1 and 2
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    fake_frontier_point(tmp_path / "d", "ppo", 0.7, {1: [1, 1, 1, 1]}, refs="other prompts")
+    with pytest.raises(SystemExit, match="evaluation set"):
+        evaluation.frontier(str(tmp_path / "g.png"), [str(tmp_path / "a"), str(tmp_path / "d")])
