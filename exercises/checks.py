@@ -446,4 +446,36 @@ PPO_LOSS = [ppo_loss_inside_clip, ppo_loss_clipped_tokens, ppo_loss_approx_kl, p
             ppo_loss_masked_gradient]
 
 # -----------------------------------------------------------------------------
-# DPO_LOSS = [...]  # the DPO loss's checks go here when dpo.py lands (it is written on another branch)
+# The DPO loss
+
+
+def dpo_loss_hand_computed(m):
+    """-log sigma(beta * ((lw - rw) - (ll - rl))) per pair, summed; the stats by hand."""
+    logp_w, logp_l = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    ref_w, ref_l = torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0])
+    loss, stats = m.dpo_loss(logp_w, logp_l, ref_w, ref_l, beta=0.5)
+    # pair 1: r_w = 0.5 * 1 = 0.5, r_l = 0.5 * -1 = -0.5, margin 1; pair 2: r_w = 0.5, r_l = 1.0, margin -0.5
+    expected = -math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(0.5)))
+    assert abs(loss.item() - expected) < 1e-6
+    assert stats["reward_acc"].item() == 1.0 and abs(stats["margin"].item() - 0.5) < 1e-6
+    assert abs(stats["reward_chosen"].item() - 1.0) < 1e-6 and abs(stats["reward_rejected"].item() - 0.5) < 1e-6
+
+
+def dpo_loss_log2_at_the_reference(m):
+    """A policy equal to its reference gives every implicit reward 0: log 2 per pair."""
+    ref_w, ref_l = torch.tensor([-11.0, -5.0, -2.0]), torch.tensor([-11.0, -7.0, -9.0])
+    assert abs(m.dpo_loss(ref_w, ref_l, ref_w, ref_l, 0.1)[0].item() - 3 * math.log(2)) < 1e-6
+
+
+def dpo_loss_gradient_pushes_chosen_up(m):
+    """d loss / d log pi(y_w) = -beta * sigma(-(r_w - r_l)) < 0 and the opposite for y_l: the
+    policy raises the preferred answer and lowers the rejected one, less so once the margin is large."""
+    logp_w, logp_l = torch.tensor([-3.0, 0.0], requires_grad=True), torch.tensor([-3.0, -20.0], requires_grad=True)
+    ref = torch.tensor([-3.0, -3.0])
+    m.dpo_loss(logp_w, logp_l, ref, ref, 0.5)[0].backward()
+    margins = torch.tensor([0.0, 0.5 * (3.0 + 17.0)])
+    want = -0.5 * torch.sigmoid(-margins)
+    assert torch.allclose(logp_w.grad, want, atol=1e-6) and torch.allclose(logp_l.grad, -want, atol=1e-6)
+
+
+DPO_LOSS = [dpo_loss_hand_computed, dpo_loss_log2_at_the_reference, dpo_loss_gradient_pushes_chosen_up]

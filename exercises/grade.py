@@ -1,6 +1,7 @@
 """
 Grade the exercises: run the project's own oracle checks (exercises/checks.py) on the
-functions you wrote in exercises/diff_labels.py, exercises/reward.py and exercises/ppo.py.
+functions you wrote in exercises/diff_labels.py, exercises/reward.py, exercises/ppo.py and
+exercises/dpo.py.
 
     python -m exercises.grade                  # every exercise
     python -m exercises.grade gae ppo_loss     # some of them
@@ -23,8 +24,7 @@ EXERCISES = {  # name: (the file, the functions you write in exercises/<file>.py
     "reward_tensor": ("reward", "final_token_rewards, normalise", checks.REWARD_TENSOR),
     "gae": ("ppo", "compute_gae", checks.GAE),
     "ppo_loss": ("ppo", "ppo_loss", checks.PPO_LOSS),
-    # "dpo_loss": ("dpo", "dpo_loss", checks.DPO_LOSS),  # DPO is written on another branch: its blank goes
-    #                                                     # in exercises/dpo.py and its checks in checks.py
+    "dpo_loss": ("dpo", "dpo_loss", checks.DPO_LOSS),
 }
 
 
