@@ -18,6 +18,11 @@ Run as stage 5 of `python train.py`; the labs as
 
     python evaluation.py reward_hacking runs/frontier     # -> runs/frontier/reward_hacking.png
     python evaluation.py annotator_noise runs/noise       # -> runs/noise/annotator_noise.png
+
+and the fair comparison's tables across run folders (README: A fair comparison) as
+
+    python evaluation.py frontier runs/frontier runs/frontier_ppo   # win rate against KL, matched-KL pairs
+    python evaluation.py compare runs/abl_centre:fg_ppo runs/fair:fg_ppo   # two runs, paired
 """
 
 import argparse
@@ -656,17 +661,50 @@ def frontier(path, folders, kl_tol=0.1):
     return lines
 
 
+def compare(a, b):
+    """Two runs of one evaluation set, each "folder:method" (e.g. an ablation against the run
+    it reverts a fix of), over the seeds both ran: each one's win rate against SFT [95% CI],
+    KL, length, wrong and missing facts, and the paired difference a - b of their win rates,
+    prompt by prompt. Returns the printed lines."""
+    (da, ma), (db, mb) = (x.rsplit(":", 1) for x in (a, b))
+    if open(os.path.join(da, "eval", "refs.json")).read() != open(os.path.join(db, "eval", "refs.json")).read():
+        sys.exit("error: the two folders do not share one evaluation set; their win rates cannot be paired")
+    seeds = sorted(set(json.load(open(os.path.join(da, "results.json")))["seeds"])
+                   & set(json.load(open(os.path.join(db, "results.json")))["seeds"]))
+    lines = [f"| run | win rate vs SFT [95% CI] | KL | length | wrong | missing |", "| --- | --- | --- | --- | --- | --- |"]
+    wins = {}
+    for run, d, m in ((a, da, ma), (b, db, mb)):
+        res = [json.load(open(os.path.join(d, "ppo", f"{m}_seed{s}.eval.json"))) for s in seeds]
+        wins[run] = [r["wins"] for r in res]
+        ci, kl = bootstrap_ci(wins[run]), log_mean(res, "kl", slice(-5, None))
+        lines.append(f"| {run} | {sum(map(sum, wins[run])) / sum(map(len, wins[run])):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                     f"{kl if kl is not None else float('nan'):.2f} | " + " | ".join(
+                         f"{mean([r['rates'][k] for r in res]):{f}}" for k, f in
+                         (("mean_length", ".1f"), ("wrong", ".3f"), ("missing", ".3f"))) + " |")
+    diff = [[x - y for x, y in zip(u, v)] for u, v in zip(wins[a], wins[b])]
+    ci = bootstrap_ci(diff)
+    lines += ["", f"{a} - {b}: {sum(map(sum, diff)) / sum(map(len, diff)):+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
+                  f"(paired, seeds {', '.join(map(str, seeds))})"]
+    print("\n".join(lines))
+    return lines
+
+
 LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (README: Classroom kit).")
-    ap.add_argument("lab", choices=[*LABS, "frontier"])
+    ap.add_argument("lab", choices=[*LABS, "frontier", "compare"])
     ap.add_argument("folder", nargs="+", help="a --sweep folder (reward_hacking also takes one run's folder; "
-                                             "frontier takes several)")
+                                             "frontier takes several; compare two FOLDER:METHOD)")
     ap.add_argument("--out", help="where to write the figure (default: <first folder>/<lab>.png)")
     ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
     args = ap.parse_args()
     out = args.out or os.path.join(args.folder[0], f"{args.lab}.png")
+    if args.lab == "compare":
+        if len(args.folder) != 2:
+            ap.error("compare takes two runs, FOLDER:METHOD FOLDER:METHOD")
+        compare(*args.folder)
+        sys.exit()
     if args.lab == "frontier":
         frontier(out, args.folder)
     else:

@@ -141,7 +141,9 @@ def fake_frontier_point(d, method, kl, wins, refs="same prompts"):
     open(os.path.join(d, "eval", "refs.json"), "w").write(refs)
     json.dump({"seeds": sorted(wins), "methods": {"sft": {}, method: {"kl": kl}}}, open(os.path.join(d, "results.json"), "w"))
     for s, w in wins.items():
-        json.dump({"wins": w}, open(os.path.join(d, "ppo", f"{method}_seed{s}.eval.json"), "w"))
+        rates = {"mean_length": 30.0 + s, "wrong": 0.1 * s, "missing": 0.05}
+        log = [{"kl": kl + 1.0}] * 3 + [{"kl": kl}] * 5  # the last 5 rows are the KL
+        json.dump({"wins": w, "rates": rates, "log": log}, open(os.path.join(d, "ppo", f"{method}_seed{s}.eval.json"), "w"))
 
 
 def test_frontier_pairs_only_points_at_matched_kl(tmp_path):
@@ -159,3 +161,13 @@ def test_frontier_pairs_only_points_at_matched_kl(tmp_path):
     fake_frontier_point(tmp_path / "d", "ppo", 0.7, {1: [1, 1, 1, 1]}, refs="other prompts")
     with pytest.raises(SystemExit, match="evaluation set"):
         evaluation.frontier(str(tmp_path / "g.png"), [str(tmp_path / "a"), str(tmp_path / "d")])
+
+
+def test_compare_two_runs_over_their_shared_seeds(tmp_path):
+    """compare: both runs' numbers over the seeds both ran, and a - b paired by prompt."""
+    fake_frontier_point(tmp_path / "a", "fg_ppo", 0.75, {1: [1, 1, 1, 1], 2: [0, 1, 1, 1], 3: [0, 0, 0, 0]})
+    fake_frontier_point(tmp_path / "b", "fg_ppo", 0.5, {1: [1, 0, 1, 1], 2: [0, 0, 1, 1]})
+    lines = evaluation.compare(f"{tmp_path / 'a'}:fg_ppo", f"{tmp_path / 'b'}:fg_ppo")
+    assert "| 0.875 [" in lines[2] and lines[2].endswith("| 0.75 | 31.5 | 0.150 | 0.050 |")  # seeds 1, 2 only
+    assert "| 0.625 [" in lines[3] and "| 0.50 |" in lines[3]
+    assert ": +0.250 [" in lines[-1] and lines[-1].endswith("(paired, seeds 1, 2)")
