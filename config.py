@@ -13,6 +13,7 @@ holds a run of the same config (prepare_out) live here too.
 
 import argparse
 import dataclasses
+import glob
 import inspect
 import itertools
 import json
@@ -198,8 +199,9 @@ def prepare_out(out, config, force):
     elif os.path.exists(cpath):
         old = json.load(open(cpath))
         # a key the folder's config lacks did not exist when it ran; tuned settings are compared
-        # for the methods both configs tune
-        same = {"ppo_by_method": lambda a, b: all(a[m] == b[m] for m in a.keys() & b.keys())}
+        # for the methods that have a run in the folder (the others' may change freely)
+        ran = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(out, "ppo", "*_seed*"))}
+        same = {"ppo_by_method": lambda a, b: all(a.get(m, {}) == b.get(m, {}) for m in ran)}
         changed = [k for k in config if k not in UNCHECKED and k in old
                    and not same.get(k, lambda a, b: a == b)(old[k], config[k])]
         if changed:

@@ -543,6 +543,8 @@ def proxy_and_gold(run_dir):
         # a finished run's final evaluation holds the same log and curve as its checkpoint, lighter
         ck = (json.load(open(run + ".eval.json")) if os.path.exists(run + ".eval.json")
               else torch.load(run + ".pt", map_location="cpu", weights_only=True))
+        if "reward" not in ck["log"][-1]:  # DPO has no rollouts, so no proxy reward per iteration
+            continue
         m = out.setdefault(os.path.basename(run).rsplit("_seed", 1)[0], {"log": [], "curve": []})
         m["log"].append(ck["log"])
         m["curve"].append(ck["curve"])
@@ -552,6 +554,11 @@ def proxy_and_gold(run_dir):
                   "curve_iter": [p["iter"] for p in c["curve"][0][:k]],
                   "gold": [[(p["judge_score"] - mu) / sd for p in cv[:k]] for cv in c["curve"]]}
     return out
+
+
+def over_seeds(rows):
+    """The mean over seeds of per-seed series [[x per step], ...] (all of one length)."""
+    return [sum(xs) / len(xs) for xs in zip(*rows)]
 
 
 def plot_reward_hacking(path, folder, only=""):
@@ -566,9 +573,9 @@ def plot_reward_hacking(path, folder, only=""):
     for ax, (name, run_dir) in zip(axes[0], points.items()):
         for m, c in proxy_and_gold(run_dir).items():
             col = colours.setdefault(m, f"C{len(colours)}")
-            mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731 (over seeds)
-            ax.plot(c["iter"], mean(c["proxy"]), color=col, lw=1, label=f"{m}: proxy (its RM)")
-            ax.plot(c["curve_iter"], mean(c["gold"]), color=col, ls="--", marker="o", ms=3, label=f"{m}: gold (judge)")
+            ax.plot(c["iter"], over_seeds(c["proxy"]), color=col, lw=1, label=f"{m}: proxy (its RM)")
+            ax.plot(c["curve_iter"], over_seeds(c["gold"]), color=col, ls="--", marker="o", ms=3,
+                    label=f"{m}: gold (judge)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{name} ({len(c['proxy'])} seed(s))")
         ax.set_xlabel("PPO iteration")
@@ -623,10 +630,14 @@ def frontier(path, folders, kl_tol=0.1):
             refs.add(open(os.path.join(d, "eval", "refs.json")).read())
             for m in (m for m in r["methods"] if m != "sft"):
                 wins = {s: json.load(open(os.path.join(d, "ppo", f"{m}_seed{s}.eval.json")))["wins"] for s in r["seeds"]}
-                runs[(f"{os.path.basename(os.path.normpath(folder))}/{name}", m)] = (r["methods"][m]["kl"], wins)
+                runs[(f"{os.path.basename(os.path.normpath(folder))}/{name}", m)] = (r["methods"][m], wins)
+    # one KL for every point: on the final policies' evaluation samples (kl_eval) where every point
+    # has it, else the last rollouts' (kl; DPO, which has no rollouts, then cannot be placed)
+    key = "kl_eval" if all(r.get("kl_eval") is not None for r, _ in runs.values()) else "kl"
+    runs = {p: (r[key], wins) for p, (r, wins) in runs.items() if r.get(key) is not None}
     if len(refs) > 1:
         sys.exit("error: the folders do not share one evaluation set; their win rates cannot be paired")
-    lines = ["| point | method | seeds | win rate vs SFT [95% CI] | KL |", "| --- | --- | --- | --- | --- |"]
+    lines = [f"| point | method | seeds | win rate vs SFT [95% CI] | KL ({key}) |", "| --- | --- | --- | --- | --- |"]
     for (p, m), (kl, wins) in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[1][0])):
         w = list(wins.values())
         ci = bootstrap_ci(w)
@@ -671,12 +682,13 @@ def compare(a, b):
         sys.exit("error: the two folders do not share one evaluation set; their win rates cannot be paired")
     seeds = sorted(set(json.load(open(os.path.join(da, "results.json")))["seeds"])
                    & set(json.load(open(os.path.join(db, "results.json")))["seeds"]))
-    lines = [f"| run | win rate vs SFT [95% CI] | KL | length | wrong | missing |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | win rate vs SFT [95% CI] | KL | length | wrong | missing |", "| --- | --- | --- | --- | --- | --- |"]
     wins = {}
     for run, d, m in ((a, da, ma), (b, db, mb)):
         res = [json.load(open(os.path.join(d, "ppo", f"{m}_seed{s}.eval.json"))) for s in seeds]
         wins[run] = [r["wins"] for r in res]
-        ci, kl = bootstrap_ci(wins[run]), log_mean(res, "kl", slice(-5, None))
+        ci, kl = bootstrap_ci(wins[run]), log_mean(res, "kl", slice(-5, None))  # as results.json's kl
+        kl = kl if kl is not None else mean([r["kl_eval"] for r in res]) if all("kl_eval" in r for r in res) else None
         lines.append(f"| {run} | {sum(map(sum, wins[run])) / sum(map(len, wins[run])):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
                      f"{kl if kl is not None else float('nan'):.2f} | " + " | ".join(
                          f"{mean([r['rates'][k] for r in res]):{f}}" for k, f in

@@ -68,7 +68,7 @@ from reward import final_token_rewards
 @dataclass
 class PPOConfig:
     ppo_iters: int = 80         # policy updates (each one rollout batch); the tuned runs flatten by 60-80
-    rollout_batch: int = 64     # prompts sampled per iteration
+    rollout_batch: int = 64     # responses sampled per iteration (RLOO: rollout_batch / rloo_k prompts, rloo_k each)
     ppo_epochs: int = 2         # passes over each rollout batch
     minibatch: int = 16         # sequences per gradient step
     ppo_lr: float = 2e-5
@@ -166,7 +166,9 @@ def rloo_advantages(rewards, mask, k):
     bonus or penalty with the sign of the others' mean reward; here the baseline is taken once
     per response, so it does not depend on the sample's own actions, leaves the objective
     unchanged, and pays nothing for length (the fair protocol of the README). Masked positions
-    get 0; (B, T) -> (B, T)."""
+    get 0; (B, T) -> (B, T). The rollout then whitens these advantages over all tokens, as it
+    does GAE's: subtracting their token-weighted mean shifts a response's summed advantage by
+    its length times that mean, for RLOO and PPO alike."""
     r = torch.where(mask.bool(), rewards, 0.0)  # where, not *: NaN * 0 is NaN
     G = r.flip(1).cumsum(1).flip(1)  # (B, T) return-to-go
     R = r.sum(1).view(-1, k)  # (B/k, k) whole returns, a row per prompt

@@ -262,7 +262,7 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     ev = evaluation.eval_set(os.path.join(cfg.out, "eval", "refs.json"), world, chat, sft_path, cfg, device)
     ref = load_gpt(sft_path, device).eval().requires_grad_(False)  # the frozen SFT reference
     k = pc.rloo_k if reward.METHODS[method].algo == "rloo" else 1
-    policy = ppo.ActorCritic(load_gpt(sft_path, device), critic=k == 1).to(device)
+    policy = ppo.ActorCritic(load_gpt(sft_path, device), critic=reward.METHODS[method].algo == "ppo").to(device)
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
     reward_fn = reward.reward_fn(method, os.path.join(cfg.out, "rm", f"seed{seed}"), chat, samples, rmc, device)
 
@@ -316,9 +316,11 @@ def prepare(cfgs, pcs, force, preset):
             gpt2_files(cfg.init)
     except (ValueError, data.DataError) as e:
         sys.exit(f"error: {e}")
-    pc = cfgs[ppo.PPOConfig]
+    pc, algos = cfgs[ppo.PPOConfig], {reward.METHODS[m].algo for m in methods}
     dist.check(cfg.jobs, dict(sft_batch=cfg.sft_batch, rm_batch=rmc.rm_batch, rollout_batch=pc.rollout_batch,
-                              minibatch=pc.minibatch, dpo_batch=cfgs[dpo.DPOConfig].dpo_batch))
+                              minibatch=pc.minibatch,  # RLOO shards whole groups of rloo_k samples: its prompts
+                              **({"rollout_batch/rloo_k": pc.rollout_batch // pc.rloo_k} if "rloo" in algos else {}),
+                              **({"dpo_batch": cfgs[dpo.DPOConfig].dpo_batch} if "dpo" in algos else {})))
     if not world.gold and any(m.startswith("oracle") for m in methods):
         sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
     if not world.has_edits:  # the token RM, the RM on edits and DPO on edits need an edit in every pair
