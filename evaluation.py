@@ -59,6 +59,16 @@ def bootstrap_ci(x, n_boot=2000, seed=0):
     return [means.quantile(0.025).item(), means.quantile(0.975).item()]
 
 
+def pooled(wins):
+    """(mean, 95% CI) of per-seed lists of per-prompt values (S seeds, P prompts): a win rate."""
+    return sum(map(sum, wins)) / sum(map(len, wins)), bootstrap_ci(wins)
+
+
+def paired(wins_a, wins_b):
+    """pooled() of a - b, prompt by prompt within each seed: the same seeds and prompts, in order."""
+    return pooled([[x - y for x, y in zip(u, v)] for u, v in zip(wins_a, wins_b)])
+
+
 def prf(pred, gold, k):
     """Precision, recall and F1 of class k."""
     tp = ((pred == k) & (gold == k)).sum().item()
@@ -280,8 +290,8 @@ def results(config, seeds, methods, evals, world, chat, ev, rm_metrics_by_seed, 
         rates = {k: sum(r["rates"][k] for r in res) / len(seeds) for k in sft_rates}
         kl_eval = mean([r["kl_eval"] for r in res]) if all("kl_eval" in r for r in res) else None  # older caches: none
         kl = log_mean(res, "kl", slice(-5, None))
-        out["methods"][m] = {"win_rate": sum(map(sum, wins)) / sum(map(len, wins)),
-                             "win_rate_ci95": bootstrap_ci(wins), **rates,
+        win_rate, ci = pooled(wins)
+        out["methods"][m] = {"win_rate": win_rate, "win_rate_ci95": ci, **rates,
                              # KL to SFT per response on the policy's own samples: the last 5 rollouts of
                              # training, or for DPO (no rollouts) its evaluation samples (kl_eval)
                              "kl": kl if kl is not None else kl_eval,
@@ -293,8 +303,8 @@ def results(config, seeds, methods, evals, world, chat, ev, rm_metrics_by_seed, 
                                           for s, w, r in zip(seeds, wins, res)]}
     for a, b in PAIRED:  # paired: same seeds, same prompts
         if a in methods and b in methods:
-            diff = [[x - y for x, y in zip(f["wins"], p["wins"])] for f, p in zip(evals[a], evals[b])]
-            out[f"{a}_minus_{b}"] = {"win_rate": sum(map(sum, diff)) / sum(map(len, diff)), "ci95": bootstrap_ci(diff)}
+            d, ci = paired([r["wins"] for r in evals[a]], [r["wins"] for r in evals[b]])
+            out[f"{a}_minus_{b}"] = {"win_rate": d, "ci95": ci}
     out["reward_models"] = rm_metrics_by_seed
     out["timing_s"] = {"stages": timing, "ppo_parts": time_split(evals)}
     return out
@@ -639,27 +649,23 @@ def frontier(path, folders, kl_tol=0.1):
         sys.exit("error: the folders do not share one evaluation set; their win rates cannot be paired")
     lines = [f"| point | method | seeds | win rate vs SFT [95% CI] | KL ({key}) |", "| --- | --- | --- | --- | --- |"]
     for (p, m), (kl, wins) in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[1][0])):
-        w = list(wins.values())
-        ci = bootstrap_ci(w)
-        lines.append(f"| {p} | {m} | {len(w)} | {sum(map(sum, w)) / sum(map(len, w)):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {kl:.2f} |")
+        w, ci = pooled(list(wins.values()))
+        lines.append(f"| {p} | {m} | {len(wins)} | {w:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {kl:.2f} |")
     lines += ["", f"Paired differences at matched KL (|KL difference| <= {kl_tol}), over the seeds both ran:", ""]
     order = list(reward.METHODS)  # a pair reads later method - earlier one, as fg_ppo - ppo in results.json
     for (b, (kl_b, wb)), (a, (kl_a, wa)) in itertools.combinations(sorted(runs.items(), key=lambda kv: order.index(kv[0][1])), 2):
         if a[1] != b[1] and abs(kl_a - kl_b) <= kl_tol and (seeds := sorted(wa.keys() & wb.keys())):
-            diff = [[x - y for x, y in zip(wa[s], wb[s])] for s in seeds]
-            ci = bootstrap_ci(diff)
+            d, ci = paired([wa[s] for s in seeds], [wb[s] for s in seeds])
             lines.append(f"- {a[1]} {a[0]} (KL {kl_a:.2f}) - {b[1]} {b[0]} (KL {kl_b:.2f}): "
-                         f"{sum(map(sum, diff)) / sum(map(len, diff)):+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], {len(seeds)} seeds")
+                         f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], {len(seeds)} seeds")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, m in enumerate(dict.fromkeys(m for _, m in runs)):
-        pts = sorted((kl, [sum(map(sum, wins.values())) / sum(map(len, wins.values()))], bootstrap_ci(list(wins.values())), p)
-                     for (p, mm), (kl, wins) in runs.items() if mm == m)
-        x, y = [q[0] for q in pts], [q[1][0] for q in pts]
-        ax.errorbar(x, y, yerr=[[v - q[2][0] for v, q in zip(y, pts)], [q[2][1] - v for v, q in zip(y, pts)]],
+        pts = sorted((kl, *pooled(list(wins.values())), p) for (p, mm), (kl, wins) in runs.items() if mm == m)
+        ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[[q[1] - q[2][0] for q in pts], [q[2][1] - q[1] for q in pts]],
                     marker="o", capsize=3, color=f"C{i}", label=m)
-        for q in pts:
-            ax.annotate(q[3].split("/", 1)[1], (q[0], q[1][0]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        for kl, w, _, p in pts:
+            ax.annotate(p.split("/", 1)[1], (kl, w), fontsize=6, xytext=(3, -9), textcoords="offset points")
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("KL to SFT per response")
     ax.set_ylabel("win rate vs SFT (95% CI)")
@@ -687,15 +693,14 @@ def compare(a, b):
     for run, d, m in ((a, da, ma), (b, db, mb)):
         res = [json.load(open(os.path.join(d, "ppo", f"{m}_seed{s}.eval.json"))) for s in seeds]
         wins[run] = [r["wins"] for r in res]
-        ci, kl = bootstrap_ci(wins[run]), log_mean(res, "kl", slice(-5, None))  # as results.json's kl
+        (w, ci), kl = pooled(wins[run]), log_mean(res, "kl", slice(-5, None))  # as results.json's kl
         kl = kl if kl is not None else mean([r["kl_eval"] for r in res]) if all("kl_eval" in r for r in res) else None
-        lines.append(f"| {run} | {sum(map(sum, wins[run])) / sum(map(len, wins[run])):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+        lines.append(f"| {run} | {w:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
                      f"{kl if kl is not None else float('nan'):.2f} | " + " | ".join(
                          f"{mean([r['rates'][k] for r in res]):{f}}" for k, f in
                          (("mean_length", ".1f"), ("wrong", ".3f"), ("missing", ".3f"))) + " |")
-    diff = [[x - y for x, y in zip(u, v)] for u, v in zip(wins[a], wins[b])]
-    ci = bootstrap_ci(diff)
-    lines += ["", f"{a} - {b}: {sum(map(sum, diff)) / sum(map(len, diff)):+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
+    d, ci = paired(wins[a], wins[b])
+    lines += ["", f"{a} - {b}: {d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
                   f"(paired, seeds {', '.join(map(str, seeds))})"]
     print("\n".join(lines))
     return lines
