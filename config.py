@@ -161,10 +161,16 @@ def parse_args(argv):
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
     pcs = by_method(cfgs, flags)
-    for m in (m for m in cfgs[Config].methods.split(",") if reward.METHODS[m].algo == "rloo"):
-        if pcs[m].rollout_batch % pcs[m].rloo_k:  # the same number of responses as PPO: rollout_batch / rloo_k prompts
-            sys.exit(f"error: {m}: --rollout_batch={pcs[m].rollout_batch} must be a multiple of --rloo_k={pcs[m].rloo_k}")
+    check_rloo(cfgs[Config].methods, pcs)
     return cfgs, pcs, force, preset
+
+
+def check_rloo(methods, pcs):
+    """One line and an exit where an RLOO method's rollout_batch is not a multiple of its
+    rloo_k: it samples as many responses as PPO, rollout_batch / rloo_k prompts rloo_k times."""
+    for m in (m for m in methods.split(",") if reward.METHODS[m].algo == "rloo"):
+        if pcs[m].rollout_batch % pcs[m].rloo_k:
+            sys.exit(f"error: {m}: --rollout_batch={pcs[m].rollout_batch} must be a multiple of --rloo_k={pcs[m].rloo_k}")
 
 
 def make(cls, values):
@@ -237,4 +243,5 @@ def sweep_grid(cfgs, pcs):
         one[Config] = dataclasses.replace(one[Config], out=os.path.join(cfgs[Config].out, name), sweep="")
         points.append((name, one, {m: dataclasses.replace(pc, **{key: v for section, key, _, v in combo
                                                                   if isinstance(pc, section)}) for m, pc in pcs.items()}))
+        check_rloo(cfgs[Config].methods, points[-1][2])  # a swept rloo_k or rollout_batch, point by point
     return points

@@ -102,6 +102,9 @@ def test_each_method_gets_its_algorithms_settings_and_rloo_sizes_are_checked(mon
         with pytest.raises(SystemExit) as e:
             config.parse_args(argv)
         assert "\n" not in str(e.value.code) and all(w in str(e.value.code) for w in words), e.value.code
+    cfgs, pcs, _, _ = config.parse_args(["--methods=rloo", "--sweep=rloo_k:2,3"])  # 64 responses: k = 3 does not divide
+    with pytest.raises(SystemExit, match="--rollout_batch=64 must be a multiple of --rloo_k=3"):
+        config.sweep_grid(cfgs, pcs)
 
 
 def test_sweep_grid_points():
