@@ -270,7 +270,9 @@ def annotate(prompt, response, p_miss=0.0, rng=None):
     values are substituted in place, bad sentences deleted together with the space before
     them, missing facts inserted at their place in the canonical attribute order. Every
     other character stays as it was. With p_miss > 0 each error is overlooked with that
-    probability (a noisy annotator)."""
+    probability (a noisy annotator). An answer is never left empty: an annotator who deleted
+    every sentence writes in the facts it lacks, as an annotation form that requires an
+    answer would make them (and as no record may hold an empty field)."""
     e, _ = parse_prompt(prompt)
     if e is None:
         return response
@@ -290,7 +292,7 @@ def annotate(prompt, response, p_miss=0.0, rng=None):
         first = False
     out += response[prev_end:]
     for a in missing:
-        if fix():
+        if fix() or (response.strip() and not out.strip()):
             out = insert_fact(prompt, out, a, FACT[a].format(e=e, v=KB[e][a]))
     return out
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from tokenizer import split_by_length
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -295,6 +297,43 @@ def token_logprobs(logits, tokens, temperature=1.0):
     logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
     lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T-1)
     return F.pad(lp, (1, 0))
+
+
+def pad_first(real, *rows):
+    """Each row's padding moved in front of its real tokens (a stable sort of its columns by
+    real), then the columns that are padding in every row dropped: generate's layout (prompts
+    padded on the left, responses on the right) becomes chat.batch's, every row ending at the
+    last column, as by_length needs. real (B, T) bool and each of rows (B, T) -> the same,
+    re-laid alike, (B, T') with T' the longest row."""
+    order = torch.argsort(real.int(), dim=1, stable=True)  # (B, T) padding first, each part in order
+    n = int(real.sum(1).max())
+    return [x.gather(1, order)[:, -n:] for x in (real, *rows)]
+
+
+def by_length(f, idx, real, *rows, max_parts=4):
+    """f(idx, real, *rows) of a batch padded on the left (every row ending at the last column),
+    run as up to max_parts micro-batches of rows of similar length, each cut to its longest
+    row (tokenizer.split_by_length): about the cost of the real tokens, not B times the
+    longest row. A row sees only its own real tokens (hidden), so each row's outputs are the
+    whole batch's, up to float rounding. f returns a (b, t, ...) tensor or a tuple of them
+    (None passes through); the result is (B, T, ...) in the batch's row order, 0 in the
+    columns a micro-batch did not reach."""
+    assert bool(real[:, -1].all()), "by_length reads rows padded on the left (pad_first)"
+    T, lengths = idx.size(1), real.sum(1).tolist()
+    runs = split_by_length(lengths, max_parts)
+    outs = []
+    for run in runs:
+        n, r = max(lengths[i] for i in run), torch.tensor(run, device=idx.device)
+        out = f(idx[r, -n:], real[r, -n:], *(x[r, -n:] for x in rows))
+        outs.append(out if isinstance(out, tuple) else (out,))
+    back = torch.argsort(torch.tensor([i for run in runs for i in run], device=idx.device))  # sorted -> batch order
+
+    def join(parts):  # (b, n, ...) per run -> (B, T, ...): padded back on the left, rows put back
+        if parts[0] is None:
+            return None
+        return torch.cat([F.pad(p, (0, 0) * (p.dim() - 2) + (T - p.size(1), 0)) for p in parts])[back]
+    joined = tuple(join(parts) for parts in zip(*outs))
+    return joined if isinstance(out, tuple) else joined[0]
 
 
 def pick_device(device="auto"):

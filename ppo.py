@@ -27,6 +27,9 @@ and indexed by the *action* token: column t holds log pi(idx[t] | idx[<t]) and t
 of the state before idx[t] — both read from the model at position t-1, because the
 logit at position t scores token t+1. `real` (B, T) is True on real tokens (prompt and
 response, not padding); `resp_mask` (B, T) is True on response tokens only (the eot included).
+Each row's padding is in front of it (model.pad_first), as in the reward models' batches, so
+that every forward runs in micro-batches of similar lengths (model.by_length): about half of
+a rollout's (B, T) positions are padding.
 
 Choices and simplifications, said plainly:
 - The critic is a second GPT trunk, initialised from the same SFT weights as the policy,
@@ -61,7 +64,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import distributed as dist
-from model import save_atomic, token_logprobs
+from model import by_length, pad_first, save_atomic, token_logprobs
 from reward import final_token_rewards
 
 
@@ -103,7 +106,11 @@ class ActorCritic(nn.Module):
 
     def forward(self, idx, real, temperature=1.0):
         """Action log-probs and values, both (B, T), aligned to action tokens (see docstring);
-        plus the logits (B, T, V) for the entropy."""
+        plus the logits (B, T, V) for the entropy. idx is padded on the left (pad_first), and
+        runs in micro-batches of similar lengths (by_length)."""
+        return by_length(lambda i, r: self.score(i, r, temperature), idx, real)
+
+    def score(self, idx, real, temperature):
         logits = self.gpt.lm_head(self.gpt.hidden(idx, real))  # (B, T, V)
         if self.critic is None:
             return token_logprobs(logits, idx, temperature), None, logits
@@ -234,14 +241,16 @@ def rollout(policy, ref, prompts, reward_fn, cfg, eot, pad, max_new_tokens, gene
     watch = Stopwatch(policy.gpt.lm_head.weight.device)
     idx, resp_mask, _ = policy.gpt.generate(prompts, max_new_tokens, eot, pad,
                                             temperature=cfg.temperature, generator=generator)
+    # (B, T) real tokens (prompt and response), each row's padding moved in front: a batch
+    # laid out as chat.batch lays out the RMs' training batches, which by_length cuts by length
+    real, idx, resp_mask = pad_first((idx != pad) | resp_mask, idx, resp_mask)
     watch.lap("t_sample")
-    real = (idx != pad) | resp_mask  # (B, T) real tokens: prompt and response
     logp, values, _ = policy(idx, real, cfg.temperature)  # recomputed, not taken from sampling
     watch.lap("t_policy")
-    ref_logp = token_logprobs(ref(idx, mask=real)[0], idx, cfg.temperature)
+    ref_logp = by_length(lambda i, r: token_logprobs(ref(i, mask=r)[0], i, cfg.temperature), idx, real)
     watch.lap("t_ref")
     kl = torch.where(resp_mask, logp - ref_logp, 0.0)
-    score = reward_fn(idx, real, resp_mask)  # (B, T)
+    score = by_length(reward_fn, idx, real, resp_mask)  # (B, T)
     watch.lap("t_reward")
     resp_mask = resp_mask.float()
     truncated = ~((idx == eot) & resp_mask.bool()).any(1)  # (B,) no <|endoftext|> within the limit

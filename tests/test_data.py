@@ -522,3 +522,14 @@ def test_annotator_noise_changes_only_the_edits(monkeypatch):
     assert pairs[0] == pairs[1]
     assert all(r["edited"] == data.annotate(r["prompt"], r["rejected"]) for r in out[0])
     assert sum(a["edited"] != b["edited"] for a, b in zip(*out)) >= 3
+
+
+def test_a_noisy_edit_never_leaves_the_answer_empty():
+    """A junk-only answer: a noisy annotator may delete it and overlook the facts it lacks,
+    but then writes them in (no record may hold an empty edit); at p = 0 the same edit."""
+    prompt, junk = "What does the crab eat?", "Ask someone else next time."
+    full = data.annotate(prompt, junk)
+    edits = {data.annotate(prompt, junk, 0.5, random.Random(s)) for s in range(40)}
+    # overlooked, kept with the fact added, or deleted with the fact written in; never ""
+    assert edits == {junk, junk + " " + full, full}
+    assert data.annotate(prompt, junk, 1.0, random.Random(0)) == junk

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny  # noqa: E402
-from model import GPT, GPTConfig, KVCache, token_logprobs  # noqa: E402
+from model import GPT, GPTConfig, KVCache, by_length, pad_first, token_logprobs  # noqa: E402
 
 PAD, EOT = 0, 1
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20]]  # no PAD inside
@@ -126,6 +126,53 @@ def test_padding_token_values_irrelevant():
     a, _ = model(idx, mask=mask)
     b, _ = model(idx2, mask=mask)
     torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=0)
+
+
+def test_pad_first_moves_each_rows_padding_in_front():
+    """generate's layout (prompt padded left, response right) becomes left_pad's of each whole
+    row, every row ending at the last column, with no column of padding alone."""
+    rows = [[5, 6, 7, 30, 31], [12, 32, 33, 34, 35, 36], [15, 16, 17, 18]]  # prompt + response
+    P, T = 3, 3 + 5 + 2  # prompts end at column P; two columns of padding after every response
+    idx = torch.full((3, T), PAD)
+    for i, (p, r) in enumerate(((rows[0][:3], rows[0][3:]), (rows[1][:1], rows[1][1:]), (rows[2][:3], rows[2][3:]))):
+        idx[i, P - len(p):P + len(r)] = torch.tensor(p + r)
+    resp = torch.zeros_like(idx, dtype=torch.bool)
+    resp[:, P:] = idx[:, P:] != PAD
+    real, idx2, resp2 = pad_first(idx != PAD, idx, resp)
+    want, want_real = left_pad(rows)
+    assert torch.equal(idx2, want) and torch.equal(real, want_real)
+    assert [resp2[i][real[i]].tolist() for i in range(3)] == [[False] * 3 + [True] * 2, [False] + [True] * 5,
+                                                               [False] * 3 + [True]]
+
+
+def test_by_length_equals_the_whole_batch_values_and_gradients():
+    """Micro-batches by length give every row the whole batch's outputs at its real tokens,
+    and the same gradient of a loss over them; rows of mixed lengths make several runs."""
+    model = tiny()
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(2, 50, (n,), generator=g).tolist() for n in (3, 17, 4, 16, 9, 2, 18, 10)]
+    idx, mask = left_pad(rows)
+    calls = []
+
+    def logits(i, r):
+        calls.append(i.size(1))
+        return model(i, mask=r)[0]
+    whole = model(idx, mask=mask)[0]
+    parts = by_length(logits, idx, mask)
+    assert len(calls) > 1 and max(calls) == idx.size(1) and min(calls) < idx.size(1)
+    torch.testing.assert_close(parts[mask], whole[mask], atol=1e-5, rtol=0)
+    assert (parts[~mask] == 0).any()  # the columns a shorter run did not reach
+    grads = []
+    for out in (whole, parts):
+        model.zero_grad()
+        (out[mask] ** 2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        whole = model(idx, mask=mask)[0]  # a fresh graph for the second loss
+        parts = by_length(logits, idx, mask)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    two = by_length(lambda i, r: (i, None), idx, mask)  # tuples pass, None stays None
+    assert torch.equal(two[0][mask], idx[mask]) and two[1] is None
 
 
 def test_overfit_small_batch():
