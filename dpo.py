@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import distributed as dist
-from model import autocast, save_atomic, token_logprobs
+from model import autocast, by_length, save_atomic, token_logprobs
 
 
 @dataclass
@@ -57,10 +57,10 @@ class DPOConfig:
     dpo_grad_clip: float = 1.0  # max gradient norm
 
 
-def sequence_logprobs(logits, idx, resp_mask):
+def sequence_logprobs(lp, resp_mask):
     """log pi(y | x) of each row, (B,): the log-probs of the response tokens (resp_mask (B, T),
-    the eot included) summed; logits (B, T, V) of the sequences idx (B, T)."""
-    lp = token_logprobs(logits, idx)  # (B, T): column t is log p(idx[t] | idx[<t]), read at position t-1
+    the eot included) summed; lp (B, T) from model.token_logprobs (column t is
+    log p(idx[t] | idx[<t]), read at position t-1)."""
     return torch.where(resp_mask, lp, 0.0).sum(1)
 
 
@@ -82,11 +82,12 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
 
 
 def logprobs(model, chat, prompts, responses, device):
-    """log pi(y | x) of each (prompt, response) text pair under model, (B,)."""
+    """log pi(y | x) of each (prompt, response) text pair under model, (B,); the batch runs in
+    micro-batches of similar lengths (model.by_length)."""
     idx, real = chat.batch(prompts, responses, device)
     with autocast(device):
-        logits = model(idx, mask=real)[0]  # (B, T, V)
-    return sequence_logprobs(logits, idx, chat.response_mask(idx, real))
+        lp = by_length(lambda i, r: token_logprobs(model(i, mask=r)[0], i), idx, real)  # (B, T)
+    return sequence_logprobs(lp, chat.response_mask(idx, real))
 
 
 # -----------------------------------------------------------------------------
@@ -113,8 +114,8 @@ def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_
         batch = dist.shard(g.sample(range(len(pairs)), min(cfg.dpo_batch, len(pairs))))  # this rank's slice
         prompts = [x[i] for i in batch]
         # the method: summed log-probs of both responses, their implicit rewards against pi_ref, the BT loss
-        logp_w = logprobs(net, chat, prompts, [pairs[i][better] for i in batch], device)
-        logp_l = logprobs(net, chat, prompts, [pairs[i]["rejected"] for i in batch], device)
+        logp_w, logp_l = logprobs(net, chat, prompts * 2, [pairs[i][k] for k in (better, "rejected") for i in batch],
+                                  device).chunk(2)  # both responses of every pair in one batch
         loss, stats = dpo_loss(logp_w, logp_l, ref_lp[better][batch], ref_lp["rejected"][batch], cfg.beta_dpo)
         n = dist.global_count(len(batch))  # the pairs of all ranks' slices
         loss = loss / n

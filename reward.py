@@ -209,11 +209,10 @@ def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
     net = dist.wrap(rm)  # trained through (torchrun: averages the gradients over the ranks)
     lengths = [max(len(chat.prompt(p["prompt"]) + chat.response(p[k])) for k in (better, "rejected")) for p in pairs]
 
-    def loss(batch):
+    def loss(batch):  # one forward of the better and the rejected responses together
         prompts = [pairs[i]["prompt"] for i in batch]
-        hi = net(*chat.batch(prompts, [pairs[i][better] for i in batch], device))
-        lo = net(*chat.batch(prompts, [pairs[i]["rejected"] for i in batch], device))
-        return bt_loss(hi, lo) * len(batch), len(batch)  # summed over the pairs
+        r = net(*chat.batch(prompts * 2, [pairs[i][k] for k in (better, "rejected") for i in batch], device))
+        return bt_loss(r[:len(batch)], r[len(batch):]) * len(batch), len(batch)  # summed over the pairs
     return train_rm(rm, loss, lengths, rmc, desc, seed, device)
 
 

@@ -16,7 +16,7 @@ from conftest import tiny  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import tokenizer as tok  # noqa: E402
-from model import GPT  # noqa: E402
+from model import GPT, token_logprobs  # noqa: E402
 
 PROMPT = "Tell me about the cow."
 REJECTED = "The cow is brown. The cow eats fish. The cow says moo."
@@ -42,7 +42,8 @@ def test_implicit_reward_is_beta_log_ratio_on_a_toy_model():
     resp[0, 4:], resp[1, 3:] = True, True  # the responses: 7 8 9 and 10 11 12 13
     with torch.no_grad():
         lp, lr = pi(idx, mask=real)[0], ref(idx, mask=real)[0]
-        got = dpo.implicit_reward(dpo.sequence_logprobs(lp, idx, resp), dpo.sequence_logprobs(lr, idx, resp), 0.3)
+        got = dpo.implicit_reward(dpo.sequence_logprobs(token_logprobs(lp, idx), resp),
+                                  dpo.sequence_logprobs(token_logprobs(lr, idx), resp), 0.3)
     for b in range(2):
         want = 0.0
         for t in range(idx.size(1)):
@@ -50,7 +51,7 @@ def test_implicit_reward_is_beta_log_ratio_on_a_toy_model():
                 want += (F.log_softmax(lp[b, t - 1], -1) - F.log_softmax(lr[b, t - 1], -1))[idx[b, t]].item()
         assert got[b].item() == pytest.approx(0.3 * want, abs=1e-5)
     with torch.no_grad():
-        same = dpo.sequence_logprobs(lp, idx, resp)
+        same = dpo.sequence_logprobs(token_logprobs(lp, idx), resp)
     assert torch.equal(dpo.implicit_reward(same, same, 0.3), torch.zeros(2))
 
 
@@ -71,7 +72,7 @@ def test_shared_prefix_gets_exactly_zero_gradient():
     idx = torch.stack([w, l])
     resp = torch.zeros(2, T, dtype=torch.bool)
     resp[:, 2:] = True  # tokens 0-1 are the prompt, the response starts at 2 < d
-    logp = dpo.sequence_logprobs(logits, idx, resp)
+    logp = dpo.sequence_logprobs(token_logprobs(logits, idx), resp)
     loss, _ = dpo.dpo_loss(logp[:1], logp[1:], torch.tensor([-3.0]), torch.tensor([-4.0]), beta=0.7)
     loss.backward()
     assert torch.equal(shared.grad, torch.zeros_like(shared))
@@ -96,7 +97,7 @@ def test_dpo_edits_gradient_is_that_of_the_tokens_from_the_first_difference(chat
             resp = chat.response_mask(idx, real)
             if from_first_difference:  # drop the first d response tokens of each row
                 resp = resp & (resp.cumsum(1) > d)
-            out.append(dpo.sequence_logprobs(model(idx, mask=real)[0], idx, resp))
+            out.append(dpo.sequence_logprobs(token_logprobs(model(idx, mask=real)[0], idx), resp))
         (lw, ll), (rw, rl) = out[0], out[1].detach()
         loss, stats = dpo.dpo_loss(lw[None], ll[None], rw[None], rl[None], beta=0.5)
         loss.backward()
