@@ -108,9 +108,9 @@ class ActorCritic(nn.Module):
         """Action log-probs and values, both (B, T), aligned to action tokens (see docstring);
         plus the logits (B, T, V) for the entropy. idx is padded on the left (pad_first), and
         runs in micro-batches of similar lengths (by_length)."""
-        return by_length(lambda i, r: self.score(i, r, temperature), idx, real)
+        return by_length(lambda i, r: self.logprobs_and_values(i, r, temperature), idx, real)
 
-    def score(self, idx, real, temperature):
+    def logprobs_and_values(self, idx, real, temperature):
         logits = self.gpt.lm_head(self.gpt.hidden(idx, real))  # (B, T, V)
         if self.critic is None:
             return token_logprobs(logits, idx, temperature), None, logits
