@@ -80,7 +80,8 @@ PRESETS = {
     "default": {},
     "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=400, sft_batch=32,
                  sft_lr=1e-2, warmup=20, n_judge=100, n_pairs=150, rm_steps=40, ppo_iters=6,
-                 rollout_batch=32, minibatch=16, n_eval=100, k_ref=2, n_curve=32, eval_every=3),
+                 rollout_batch=32, minibatch=16, n_eval=100, k_ref=2, n_curve=32, eval_every=3,
+                 dpo_steps=0),  # DPO: PPO's policy steps at this scale, not the default preset's tuned ones
     "gpu": dict(n_sft=50000, n_layer=6, n_head=6, n_embd=384, sft_steps=3000, sft_batch=128,
                 sft_lr=1e-3, warmup=200),
 }
@@ -90,7 +91,8 @@ PRESETS = {
 # rate on its 500 evaluation prompts. DPO's grid: dpo_lr {5e-6, 2e-5} x beta_dpo {0.1, 0.5} x
 # dpo_steps {64, 192}, whose best sat at its corner (and beta_dpo hardly mattered), extended by
 # dpo_lr {2e-5, 4e-5} x dpo_steps {192, 384}: 11 settings on the same seed.
-# They sit between the preset and the flags: a flag given on the command line applies to every
+# They sit between the dataclass defaults and the preset's keys (a preset names a scale: its
+# budgets win), and then the flags: a flag given on the command line applies to every
 # method. Methods not listed were not tuned and run with the flat settings. results.json
 # records what each method ran with (config["ppo_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
@@ -164,7 +166,7 @@ def parse_args(argv):
     cfgs = {cls: make(cls, {**PRESETS[preset], **flags}) for cls in SECTIONS}
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
-    pcs = by_method(cfgs, flags)
+    pcs = by_method(cfgs, {**PRESETS[preset], **flags})
     check_rloo(cfgs[Config].methods, pcs)
     return cfgs, pcs, force, preset
 
@@ -181,11 +183,11 @@ def make(cls, values):
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
-def by_method(cfgs, flags):
+def by_method(cfgs, given):
     """{method: its settings}: the PPOConfig (ppo, rloo) or DPOConfig (dpo) of cfgs (preset and
-    flags) with the method's TUNED settings, except those given as flags."""
+    flags) with the method's TUNED settings, except those given (by the preset or as flags)."""
     return {m: dataclasses.replace(cfgs[dpo.DPOConfig if method.algo == "dpo" else ppo.PPOConfig],
-                                   **{k: v for k, v in TUNED.get(m, {}).items() if k not in flags})
+                                   **{k: v for k, v in TUNED.get(m, {}).items() if k not in given})
             for m, method in reward.METHODS.items()}
 
 

@@ -85,6 +85,12 @@ def test_tuned_settings_per_method_and_flags_override_them(monkeypatch):
     assert pcs["ppo"].lam == 1.0 and pcs["ppo"].beta == 0.02  # beta was a flag
     assert pcs["fg_ppo"].ppo_lr == 7e-5 and pcs["fg_ppo"].lam == ppo.PPOConfig().lam
     assert pcs["ppo_edits"] == cfgs[ppo.PPOConfig] and pcs["ppo"].ppo_iters == config.PRESETS["tiny"]["ppo_iters"]
+    # a key the preset sets is its scale's, and beats TUNED (tiny's DPO budget: PPO's policy steps)
+    monkeypatch.setattr(config, "TUNED", {"dpo": {"dpo_steps": 384, "dpo_lr": 3e-5}})
+    _, pcs, _, _ = config.parse_args(["--preset=tiny"])
+    assert pcs["dpo"].dpo_steps == 0 and pcs["dpo"].dpo_lr == 3e-5
+    _, pcs, _, _ = config.parse_args([])
+    assert pcs["dpo"].dpo_steps == 384
 
 
 def test_each_method_gets_its_algorithms_settings_and_rloo_sizes_are_checked(monkeypatch):
