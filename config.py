@@ -90,7 +90,8 @@ PRESETS = {
 # {0.95, 1} x beta {0.02, 0.05}, 80 iterations) on tuning seed 7, never reported; the best win
 # rate on its 500 evaluation prompts. DPO's grid: dpo_lr {5e-6, 2e-5} x beta_dpo {0.1, 0.5} x
 # dpo_steps {64, 192}, whose best sat at its corner (and beta_dpo hardly mattered), extended by
-# dpo_lr {2e-5, 4e-5} x dpo_steps {192, 384}: 11 settings on the same seed.
+# dpo_lr {2e-5, 4e-5} x dpo_steps {192, 384}: 11 settings on the same seed. RLOO's grid is PPO's
+# with rloo_k {2, 4} in place of lam, which it does not use.
 # They sit between the dataclass defaults and the preset's keys (a preset names a scale: its
 # budgets win), and then the flags: a flag given on the command line applies to every
 # method. Methods not listed were not tuned and run with the flat settings. results.json
@@ -100,6 +101,8 @@ TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "ppo_edits": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "oracle_ppo": dict(ppo_lr=3e-5, lam=1.0, beta=0.05),
          "oracle_fg": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
+         "rloo": dict(ppo_lr=1e-5, beta=0.02, rloo_k=4),
+         "rloo_fg": dict(ppo_lr=3e-5, beta=0.02, rloo_k=4),
          "dpo": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=384),
          "dpo_edits": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=192)}
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
