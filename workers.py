@@ -7,6 +7,7 @@ threads; results are the same for the same threads per process, whatever the job
 torchrun shards one run over processes instead (distributed.py); the two do not mix.
 """
 
+import ctypes
 import multiprocessing as mp
 import os
 import sys
@@ -28,6 +29,17 @@ def processes(cfg, device):
     return jobs, threads or cores, threads or max(1, cores // jobs)
 
 
+def give_back_memory():
+    """Return the freed heap to the OS. glibc keeps the memory a process has freed for its own
+    later use, so without this the parent would hold SFT's activations (about 0.5 GB at the
+    default preset) for as long as the workers run, and a worker its last task's. Without glibc
+    (no malloc_trim) it does nothing."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def start_worker(threads):
     torch.set_num_threads(threads)
     tqdm.set_lock(threading.RLock())  # not tqdm's default process lock, which a terminated worker would leak
@@ -42,15 +54,19 @@ def call(task):
         return str(e.code)
     except FloatingPointError as e:
         return f"error: {e}"
+    finally:
+        give_back_memory()
 
 
 def parallel(tasks, jobs, threads):
     """Independent stages [(stage, args), ...] in `jobs` worker processes of `threads` torch
     threads each, or one after the other in this process (jobs == 1). The first worker that
     exits (a non-finite loss, --stop_after) stops them all with its message."""
+    give_back_memory()  # what the stages before freed, before the workers add theirs
     if jobs == 1 or len(tasks) <= 1:
         for stage, args in tasks:
             stage(*args)
+            give_back_memory()
         return
     with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
         for message in pool.imap_unordered(call, tasks):
