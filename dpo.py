@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import distributed as dist
-from model import adamw, autocast, by_length, save_atomic, token_logprobs
+from model import autocast, by_length, save_atomic, token_logprobs
 
 
 @dataclass
@@ -102,7 +102,7 @@ def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_
     with torch.no_grad():  # pi_ref never changes: its log-probs once, 64 pairs at a time
         ref_lp = {k: torch.cat([logprobs(ref, chat, x[i:i + 64], [r[k] for r in pairs[i:i + 64]], device)
                                 for i in range(0, len(pairs), 64)]) for k in (better, "rejected")}
-    opt = adamw(policy.parameters(), lr=cfg.dpo_lr, eps=1e-5, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.dpo_lr, eps=1e-5, weight_decay=0.0)
     net = dist.wrap(policy)  # torchrun: averages the gradients over the ranks
     g, every = random.Random(seed), max(steps // 8, 1)
     policy.eval()  # no dropout: at step 0 pi = pi_ref exactly

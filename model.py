@@ -233,7 +233,7 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return adamw(groups, lr=learning_rate, betas=betas)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eot, pad, temperature=1.0, top_k=None,
@@ -288,13 +288,6 @@ class GPT(nn.Module):
             if done.all():
                 break
         return idx, resp_mask, logprobs
-
-
-def adamw(params, **kw):
-    """torch's AdamW with its fused kernel: one call per step instead of a few per tensor, about
-    4x faster on a CPU for these small models, with the same updates up to float rounding
-    (tests/test_model.py)."""
-    return torch.optim.AdamW(params, fused=True, **kw)
 
 
 def token_logprobs(logits, tokens, temperature=1.0):

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import distributed as dist
-from model import adamw, by_length, pad_first, save_atomic, token_logprobs
+from model import by_length, pad_first, save_atomic, token_logprobs
 from reward import final_token_rewards
 
 
@@ -312,8 +312,8 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
 
 
 def make_optimizer(policy, cfg):
-    """AdamW (fused) with two groups: 0 the policy (ppo_lr), 1 the critic (vf_lr); eps as CleanRL."""
-    return adamw([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
+    """AdamW with two groups: 0 the policy (ppo_lr), 1 the critic (vf_lr); eps as CleanRL."""
+    return torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
                               {"params": policy.critic_parameters(), "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)
 
 

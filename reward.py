@@ -39,7 +39,7 @@ import data
 import diff_labels
 import distributed as dist
 import tokenizer as tok
-from model import GPT, GPTConfig, adamw, autocast, load_gpt, save_atomic
+from model import GPT, GPTConfig, autocast, load_gpt, save_atomic
 
 
 @dataclass
@@ -169,7 +169,7 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     step's loss is their summed losses over their summed counts, as for the whole batch at
     once. A non-finite loss raises FloatingPointError before anything is saved."""
     g, n = random.Random(seed), len(lengths)
-    opt = adamw(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
     pbar = tqdm(range(rmc.rm_steps), desc=desc, dynamic_ncols=True)
     for it in pbar:
