@@ -14,7 +14,7 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
   ratio (the KV cache turns each step from O(T) tokens of work into O(1)), at the thread
   count train.py gives each worker process
 - peak_rss_mb: this process's peak resident memory; with --pipeline also the peak summed over
-  the pipeline's processes (its workers included)
+  the pipeline's processes (its workers included), and each process's share at that moment
 """
 
 import json
@@ -113,8 +113,9 @@ out["cache_speedup"] = out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_noc
 
 
 def rss_mb(pid):
-    """Resident memory of pid and all its descendants, from /proc (0 where it is gone)."""
-    children, total = {}, 0
+    """{process id: resident memory in MiB} of pid and all its descendants, from /proc (those
+    gone before they are read left out)."""
+    children, sizes = {}, {}
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
@@ -126,10 +127,10 @@ def rss_mb(pid):
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            total += int(open(f"/proc/{p}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            sizes[p] = int(open(f"/proc/{p}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
         except OSError:
             pass
-    return total / 2 ** 20
+    return sizes
 
 
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -139,16 +140,19 @@ for a in sys.argv[1:]:
     if a.startswith("--pipeline="):
         preset = a.split("=", 1)[1]
         with tempfile.TemporaryDirectory() as d:
-            t0, peak = time.time(), 0.0
+            t0, peak = time.time(), {}
             proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd=os.path.dirname(os.path.abspath(__file__)))
             while proc.poll() is None:
-                peak = max(peak, rss_mb(proc.pid))
+                peak = max(peak, rss_mb(proc.pid), key=lambda sizes: sum(sizes.values()))
                 time.sleep(0.5)
             assert proc.returncode == 0, f"train.py --preset={preset} failed"
             res = json.load(open(os.path.join(d, "results.json")))
-            out[f"pipeline_{preset}"] = {"wall_s": time.time() - t0, "peak_rss_mb_all_processes": peak,
+            out[f"pipeline_{preset}"] = {"wall_s": time.time() - t0, "peak_rss_mb_all_processes": sum(peak.values()),
+                                         # where that peak was: the main process, then the others (workers), largest first
+                                         "peak_rss_mb_by_process": [peak.get(proc.pid, 0.0)] + sorted(
+                                             (v for p, v in peak.items() if p != proc.pid), reverse=True),
                                          **res["processes"], **res["timing_s"],
                                          "sft": json.load(open(os.path.join(d, "sft", "metrics.json"))),
                                          "reward_models": res["reward_models"],
