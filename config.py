@@ -165,11 +165,11 @@ def parse_args(argv):
                                help=f"{comments.get(f.name, '')} (default: {f.default!r})".strip())
     args = vars(p.parse_args(argv))
     force, preset = args.pop("force"), args.pop("preset")
-    flags = {k: v for k, v in args.items() if v is not None}
-    cfgs = {cls: make(cls, {**PRESETS[preset], **flags}) for cls in SECTIONS}
+    given = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}  # the preset's keys, then the flags
+    cfgs = {cls: make(cls, given) for cls in SECTIONS}
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
-    pcs = by_method(cfgs, {**PRESETS[preset], **flags})
+    pcs = by_method(cfgs, given)
     check_rloo(cfgs[Config].methods, pcs)
     return cfgs, pcs, force, preset
 
