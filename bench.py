@@ -13,8 +13,11 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
 - gen_tokens_per_s_cache / _nocache: batched sampling, batch 32, 128 new tokens, and their
   ratio (the KV cache turns each step from O(T) tokens of work into O(1)), at the thread
   count train.py gives each worker process
-- peak_rss_mb: this process's peak resident memory; with --pipeline also the peak summed over
-  the pipeline's processes (its workers included), and each process's share at that moment
+- peak_rss_mb: this process's peak resident memory; with --pipeline also the peaks summed over
+  the pipeline's processes (its workers included), resident (rss: a page that several
+  processes share, such as torch's library code, counted in each) and proportional (pss:
+  a shared page split among them, so the sum is what they hold together), and each
+  process's part of each peak
 """
 
 import json
@@ -112,9 +115,12 @@ for use_cache in (True, False):
 out["cache_speedup"] = out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"]
 
 
-def rss_mb(pid):
-    """{process id: resident memory in MiB} of pid and all its descendants, from /proc (those
-    gone before they are read left out)."""
+def memory_mb(pid):
+    """{process id: (resident, proportional) memory in MiB} of pid and all its descendants,
+    from /proc (those gone before they are read left out). Resident memory counts the pages
+    a process shares with others (torch's library code) in each of them; proportional memory
+    (Pss) splits each shared page among the processes that map it, so its sum over the
+    processes is what they hold together."""
     children, sizes = {}, {}
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -127,8 +133,9 @@ def rss_mb(pid):
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            sizes[p] = int(open(f"/proc/{p}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-        except OSError:
+            kb = dict(line.split()[:2] for line in open(f"/proc/{p}/smaps_rollup") if line.startswith(("Rss", "Pss:")))
+            sizes[p] = int(kb["Rss:"]) / 1024, int(kb["Pss:"]) / 1024
+        except (OSError, KeyError):
             pass
     return sizes
 
@@ -140,19 +147,22 @@ for a in sys.argv[1:]:
     if a.startswith("--pipeline="):
         preset = a.split("=", 1)[1]
         with tempfile.TemporaryDirectory() as d:
-            t0, peak = time.time(), {}
+            t0, peak = time.time(), [{}, {}]  # the moments of the largest resident and proportional sums
             proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     cwd=os.path.dirname(os.path.abspath(__file__)))
             while proc.poll() is None:
-                peak = max(peak, rss_mb(proc.pid), key=lambda sizes: sum(sizes.values()))
+                now = memory_mb(proc.pid)
+                peak = [max(peak[i], now, key=lambda sizes: sum(v[i] for v in sizes.values())) for i in (0, 1)]
                 time.sleep(0.5)
             assert proc.returncode == 0, f"train.py --preset={preset} failed"
             res = json.load(open(os.path.join(d, "results.json")))
-            out[f"pipeline_{preset}"] = {"wall_s": time.time() - t0, "peak_rss_mb_all_processes": sum(peak.values()),
-                                         # where that peak was: the main process, then the others (workers), largest first
-                                         "peak_rss_mb_by_process": [peak.get(proc.pid, 0.0)] + sorted(
-                                             (v for p, v in peak.items() if p != proc.pid), reverse=True),
+            run = {"wall_s": time.time() - t0}
+            for i, kind in enumerate(("rss", "pss")):  # each peak's sum, and where it was: the main process,
+                sizes = {p: v[i] for p, v in peak[i].items()}  # then the others (workers), largest first
+                run[f"peak_{kind}_mb_all_processes"] = sum(sizes.values())
+                run[f"peak_{kind}_mb_by_process"] = [sizes.pop(proc.pid, 0.0)] + sorted(sizes.values(), reverse=True)
+            out[f"pipeline_{preset}"] = {**run,
                                          **res["processes"], **res["timing_s"],
                                          "sft": json.load(open(os.path.join(d, "sft", "metrics.json"))),
                                          "reward_models": res["reward_models"],

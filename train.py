@@ -209,10 +209,20 @@ def rm_split(cfg, seed):
 RM_NAMES = ["token", "seq", "seq_edits"]
 
 
+def rm_dir(cfg, seed):
+    """The reward models of one seed, <name>.pt, and their diagnostics, metrics.json."""
+    return os.path.join(cfg.out, "rm", f"seed{seed}")
+
+
+def policy_path(cfg, method, seed):
+    """The checkpoint of one policy run."""
+    return os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt")
+
+
 def stage_rm(cfg, chat, rmc, seed, name, device):
     """One reward model of one seed: token (diff labels of the edits), seq (chosen > rejected)
     or seq_edits (edited > rejected), with its reward scale fitted on the SFT samples."""
-    path = os.path.join(cfg.out, "rm", f"seed{seed}", f"{name}.pt")
+    path = os.path.join(rm_dir(cfg, seed), f"{name}.pt")
     if skip(cfg, path):
         return
     train, _ = rm_split(cfg, seed)  # the same pairs for every RM of a seed ...
@@ -233,7 +243,7 @@ def stage_rm(cfg, chat, rmc, seed, name, device):
 
 def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
     """The held-out diagnostics of one seed's reward models (evaluation.rm_metrics)."""
-    d = os.path.join(cfg.out, "rm", f"seed{seed}")
+    d = rm_dir(cfg, seed)
     if skip(cfg, os.path.join(d, "metrics.json")):
         return
     _, val = rm_split(cfg, seed)
@@ -254,7 +264,7 @@ def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
 
 def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     """PPO (with a critic) or RLOO (without: rloo_k samples per prompt) of one method and seed."""
-    path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"{method} seed {seed}"
+    path, name = policy_path(cfg, method, seed), f"{method} seed {seed}"
     if os.path.exists(path) and torch.load(path, weights_only=True)["iter"] == pc.ppo_iters:
         print(f"ppo {name}: {path} complete, skipping (--force to redo)")
         return
@@ -264,7 +274,7 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
     k = pc.rloo_k if reward.METHODS[method].algo == "rloo" else 1
     policy = ppo.ActorCritic(load_gpt(sft_path, device), critic=reward.METHODS[method].algo == "ppo").to(device)
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-    reward_fn = reward.reward_fn(method, os.path.join(cfg.out, "rm", f"seed{seed}"), chat, samples, rmc, device)
+    reward_fn = reward.reward_fn(method, rm_dir(cfg, seed), chat, samples, rmc, device)
 
     def next_prompts(rng):  # the same prompts on every rank (one rng), then this rank's share, each k times in a row
         prompts = [chat.prompt(world.sample_prompt(rng)) for _ in range(pc.rollout_batch // k)]
@@ -283,7 +293,7 @@ def stage_ppo(cfg, world, chat, rmc, pc, method, seed, device):
 def stage_dpo(cfg, world, chat, dc, ppo_pc, method, seed, device):
     """DPO of one method and seed (dpo.py) on the training pairs of the seed's reward models,
     dpo_steps steps or, with 0, as many as standard PPO's policy updates (ppo_pc)."""
-    path, name = os.path.join(cfg.out, "ppo", f"{method}_seed{seed}.pt"), f"{method} seed {seed}"
+    path, name = policy_path(cfg, method, seed), f"{method} seed {seed}"
     if skip(cfg, path):  # saved once, at the end (a killed run starts again)
         return
     sft_path = os.path.join(cfg.out, "sft", "model.pt")
@@ -301,12 +311,13 @@ def stage_dpo(cfg, world, chat, dc, ppo_pc, method, seed, device):
 def run(cfgs, pcs, force, preset):
     """The pipeline once, for one config; pcs: each method's PPO settings (config.by_method)."""
     ctx = prepare(cfgs, pcs, force, preset)
-    ctx.timed("ppo", parallel, ppo_tasks(ctx), ctx.jobs, ctx.job_threads)
+    ctx.timed("rm_ppo", parallel, tasks([ctx]), ctx.jobs, ctx.job_threads)
     report(ctx)
 
 
 def prepare(cfgs, pcs, force, preset):
-    """Stages 0-3 and the evaluation set; returns what the PPO runs and the report need."""
+    """Stages 0-2 and the evaluation set; returns what the reward models, the policy runs
+    (tasks) and the report need."""
     cfg, world_cfg, rmc = cfgs[Config], cfgs[data.WorldConfig], cfgs[reward.RMConfig]
     methods = cfg.methods.split(",")
     try:  # your data is read and checked before anything is written
@@ -359,22 +370,36 @@ def prepare(cfgs, pcs, force, preset):
     timed("prefs", dist.on_master, stage_prefs, cfg, world, chat, device)
     if not world.gold:
         timed("judge", stage_judge, cfg, world, chat, rmc, device)
-    timed("rm", parallel, [(stage_rm, (cfg, chat, rmc, s, n, device)) for s in seeds for n in rm_names],
-          jobs, job_threads)
-    timed("rm", dist.on_master, parallel, [(stage_rm_metrics, (cfg, world, chat, rmc, s, rm_names, device))
-                                           for s in seeds if rm_names], jobs, job_threads)
     timed("eval_set", dist.on_master, evaluation.eval_set, os.path.join(cfg.out, "eval", "refs.json"), world, chat,
-          os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the PPO runs, which all read it
+          os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the policy runs, which all read it
     return SimpleNamespace(cfg=cfg, rmc=rmc, pcs=pcs, world=world, chat=chat, config=config, seeds=seeds,
-                           methods=methods, device=device, jobs=jobs, threads=threads, job_threads=job_threads,
-                           timing=timing, timed=timed)
+                           methods=methods, rm_names=rm_names, device=device, jobs=jobs, threads=threads,
+                           job_threads=job_threads, timing=timing, timed=timed)
 
 
-def ppo_tasks(c):
-    """The independent policy runs of a prepared pipeline (PPO, RLOO, DPO), one per (seed, method)."""
-    return [(stage_dpo, (c.cfg, c.world, c.chat, c.pcs[m], c.pcs["ppo"], m, s, c.device))
-            if reward.METHODS[m].algo == "dpo" else (stage_ppo, (c.cfg, c.world, c.chat, c.rmc, c.pcs[m], m, s, c.device))
-            for s in c.seeds for m in c.methods]
+def tasks(ctxs, policies=True):
+    """Stages 3 and 4 of prepared pipelines, as workers.parallel takes them, each named by the
+    file it writes: every reward model of every seed; every policy run (PPO, RLOO, DPO), one
+    per (seed, method), each after its reward model, so a run starts while other reward
+    models train (policies=False: none); last each seed's reward-model diagnostics, which
+    nothing waits for."""
+    rms, runs, diagnostics = {}, {}, {}
+    for c in ctxs:
+        for s in c.seeds:
+            models = {n: os.path.join(rm_dir(c.cfg, s), f"{n}.pt") for n in c.rm_names}
+            for n, path in models.items():
+                rms[path] = stage_rm, (c.cfg, c.chat, c.rmc, s, n, c.device), []
+            for m in c.methods:
+                algo, rm = reward.METHODS[m].algo, reward.METHODS[m].reward
+                runs[policy_path(c.cfg, m, s)] = (
+                    (stage_dpo, (c.cfg, c.world, c.chat, c.pcs[m], c.pcs["ppo"], m, s, c.device), []) if algo == "dpo"
+                    else (stage_ppo, (c.cfg, c.world, c.chat, c.rmc, c.pcs[m], m, s, c.device),
+                          [models[rm]] if rm in models else []))  # the oracle methods' judge is no task
+            if models:
+                diagnostics[os.path.join(rm_dir(c.cfg, s), "metrics.json")] = (
+                    dist.on_master, (stage_rm_metrics, c.cfg, c.world, c.chat, c.rmc, s, c.rm_names, c.device),
+                    list(models.values()))
+    return rms | (runs if policies else {}) | diagnostics
 
 
 def report(c):
@@ -387,8 +412,8 @@ def sweep(cfgs, pcs, force, preset):
     """--sweep="key:v1,v2 key2:..." runs the pipeline once per point of the grid, in
     <out>/key=v1,key2=.../, all sharing the first point's tokenizer, SFT model and evaluation
     set (so a swept key must leave SFT alone), and when only PPO keys are swept also its
-    preference data and reward models. The PPO runs of all points share one pool of workers.
-    Then <out>/sweep.json and <out>/sweep.md (evaluation.sweep_report)."""
+    preference data and reward models. The reward models and policy runs of all points share
+    one pool of workers. Then <out>/sweep.json and <out>/sweep.md (evaluation.sweep_report)."""
     points = sweep_grid(cfgs, pcs)
     only_ppo = all(one[c] == cfgs[c] for _, one, _ in points for c in SECTIONS
                    if c not in (Config, ppo.PPOConfig, dpo.DPOConfig))
@@ -400,10 +425,12 @@ def sweep(cfgs, pcs, force, preset):
             shutil.copytree(src, dst) if os.path.isdir(src) else shutil.copy(src, dst)
         print(f"=== sweep {name} -> {one[Config].out}")
         ctxs.append(prepare(one, one_pcs, force, preset))
+        if i == 0 and only_ppo:  # the other points copy its reward models
+            ctxs[0].timed("rm_ppo", parallel, tasks(ctxs, policies=False), ctxs[0].jobs, ctxs[0].job_threads)
     t0 = time.time()
-    parallel([t for c in ctxs for t in ppo_tasks(c)], ctxs[0].jobs, ctxs[0].job_threads)
+    parallel(tasks(ctxs), ctxs[0].jobs, ctxs[0].job_threads)
     for c in ctxs:
-        c.timing["ppo"] = time.time() - t0  # the whole grid's pool
+        c.timing["rm_ppo"] = c.timing.get("rm_ppo", 0.0) + time.time() - t0  # the whole grid's pool
         report(c)
     dist.on_master(evaluation.sweep_report, cfgs[Config].out, cfgs[Config].sweep,
                    {name: json.load(open(os.path.join(one[Config].out, "results.json"))) for name, one, _ in points})

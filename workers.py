@@ -1,8 +1,8 @@
 """
-Independent stages in worker processes: the reward models (per seed and kind) and the PPO
-runs (per method and seed) need nothing from each other, and small models on a few CPU
-cores are partly overhead-bound, so a core runs a second run better than it helps a first
-one as a second thread. train.py's --jobs and --threads choose how many processes and
+Independent stages in worker processes: the reward models (per seed and kind) need nothing
+from each other, and a PPO run (per method and seed) only its reward model; small models on
+a few CPU cores are partly overhead-bound, so a core runs a second run better than it helps
+a first one as a second thread. train.py's --jobs and --threads choose how many processes and
 threads; results are the same for the same threads per process, whatever the jobs.
 torchrun shards one run over processes instead (distributed.py); the two do not mix.
 """
@@ -10,7 +10,7 @@ torchrun shards one run over processes instead (distributed.py); the two do not 
 import ctypes
 import multiprocessing as mp
 import os
-import sys
+import queue
 import threading
 
 import torch
@@ -59,19 +59,31 @@ def call(task):
 
 
 def parallel(tasks, jobs, threads):
-    """Independent stages [(stage, args), ...] in `jobs` worker processes of `threads` torch
-    threads each, or one after the other in this process (jobs == 1). The first worker that
-    exits (a non-finite loss, --stop_after) stops them all with its message."""
+    """Stages in `jobs` worker processes of `threads` torch threads each, or one after the
+    other in this process (jobs == 1). tasks: {name: (stage, args, after)}, `after` the names
+    of the tasks that must finish first (a PPO run waits for its reward model): each task
+    starts once they have, in the order given, so no core waits for a stage's last task
+    while a later one could run. The first worker that exits (a non-finite loss,
+    --stop_after) stops them all with its message."""
+    assert all(set(after) <= set(tasks) for _, _, after in tasks.values()), "a task waits for an unknown one"
     give_back_memory()  # what the stages before freed, before the workers add theirs
     if jobs == 1 or len(tasks) <= 1:
-        for stage, args in tasks:
+        for stage, args, _ in tasks.values():  # the order given puts each task after those it waits for
             stage(*args)
+            dist.barrier()  # torchrun: rank 0 has saved what the next task may read
             give_back_memory()
         return
+    done, waiting, finished = queue.SimpleQueue(), dict(tasks), set()
     with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
-        for message in pool.imap_unordered(call, tasks):
-            if message is not None:
+        while len(finished) < len(tasks):
+            for name in [n for n, (_, _, after) in waiting.items() if finished.issuperset(after)]:
+                stage, args, _ = waiting.pop(name)
+                pool.apply_async(call, ((stage, args),), callback=lambda message, name=name: done.put((name, message)),
+                                 error_callback=lambda e: done.put((None, e)))  # a bug in a stage: its exception
+            name, message = done.get()
+            if name is None or message is not None:
                 pool.terminate()
-                sys.exit(message)
+                raise message if name is None else SystemExit(message)
+            finished.add(name)
         pool.close()
         pool.join()

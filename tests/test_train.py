@@ -240,7 +240,7 @@ def test_rerun_of_finished_run_skips_every_stage(ref, tmp_path):
         assert "complete, skipping" in line, (m, p.stdout)
     assert "resuming" not in p.stdout and "sft step" not in p.stdout
     res = results(out)
-    for stage in ("sft", "prefs", "rm", "ppo"):
+    for stage in ("sft", "prefs", "rm_ppo"):
         assert res["timing_s"]["stages"][stage] < 2.0, (stage, res["timing_s"])
     assert wall < ref_wall, (wall, ref_wall)
     assert comparable(res) == comparable(results(src))
