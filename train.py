@@ -9,10 +9,11 @@ The whole pipeline of fine-grained RLHF from minimal edits, one straight line:
     5. report     win rate against SFT, error rates, plots                      -> results.json, results.md
 
 Each stage reads the files of the stages before it and writes its own; a stage whose
-outputs exist is skipped (`--force` redoes everything). The method lives in the files the
-stages call: reward.py (labels, reward models, the reward each method gets), ppo.py (the
-PPO and RLOO loop), dpo.py (DPO), evaluation.py (win rate, diagnostics, report); world.py
-says where data and judgements come from. Run:
+outputs exist is skipped (`--force` redoes everything). Stages 3 and 4 share one pool of
+worker processes (workers.py), where a policy run starts as soon as its reward model is
+saved. The method lives in the files the stages call: reward.py (labels, reward models,
+the reward each method gets), ppo.py (the PPO and RLOO loop), dpo.py (DPO), evaluation.py
+(win rate, diagnostics, report); world.py says where data and judgements come from. Run:
 
     python train.py                       # default preset, CPU or GPU autodetected
     python train.py --preset=tiny         # the whole pipeline in about a minute
