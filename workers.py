@@ -2,9 +2,10 @@
 Stages 3 and 4 in worker processes: the reward models (per seed and kind) need nothing from
 each other, and a policy run (per method and seed) only the reward model it learns from;
 small models on a few CPU cores are partly overhead-bound, so a core runs a second run
-better than it helps a first one as a second thread. train.py's --jobs and --threads choose how many processes and
-threads; results are the same for the same threads per process, whatever the jobs.
-torchrun shards one run over processes instead (distributed.py); the two do not mix.
+better than it helps a first one as a second thread. train.py's --jobs and --threads choose
+how many processes and threads; results are the same for the same threads per process,
+whatever the jobs. torchrun shards one run over processes instead (distributed.py); the
+two do not mix.
 """
 
 import ctypes
@@ -32,8 +33,8 @@ def processes(cfg, device):
 def give_back_memory():
     """Return the freed heap to the OS. glibc keeps the memory a process has freed for its own
     later use, so without this the parent would hold SFT's activations (about 0.5 GB at the
-    default preset) for as long as the workers run. Without glibc (no malloc_trim) it does
-    nothing."""
+    default preset) for as long as the workers run, and a worker its last task's. Without glibc
+    (no malloc_trim) it does nothing."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
@@ -54,6 +55,8 @@ def call(task):
         return str(e.code)
     except FloatingPointError as e:
         return f"error: {e}"
+    finally:
+        give_back_memory()
 
 
 def parallel(tasks, jobs, threads):
@@ -62,10 +65,10 @@ def parallel(tasks, jobs, threads):
     of the tasks that must finish first (a PPO run waits for its reward model): each task
     starts once they have, in the order given, so no core waits for a stage's last task
     while a later one could run. The first worker that exits (a non-finite loss,
-    --stop_after) stops them all with its message. Each task gets a fresh worker: a training
-    loop leaves glibc's heap fragmented (a reward model's 0.35 GB of live memory peaks at
-    0.85 GB), and the next task's peak would come on top (about 0.1 GB more at the default
-    preset); a worker's start costs about 2 s."""
+    --stop_after) stops them all with its message. A worker runs task after task: a fresh one
+    per task (maxtasksperchild=1) would not start on the heap its last task left fragmented
+    (80 MiB less at the default run's peak) but costs 2-4 s per task to start, a third more
+    time for the tiny preset's pool."""
     assert all(set(after) <= set(tasks) for _, _, after in tasks.values()), "a task waits for an unknown one"
     give_back_memory()  # what the stages before freed, before the workers add theirs
     if jobs == 1 or len(tasks) <= 1:
@@ -75,7 +78,7 @@ def parallel(tasks, jobs, threads):
             give_back_memory()
         return
     done, waiting, finished = queue.SimpleQueue(), dict(tasks), set()
-    with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,), maxtasksperchild=1) as pool:
+    with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
         while len(finished) < len(tasks):
             for name in [n for n, (_, _, after) in waiting.items() if finished.issuperset(after)]:
                 stage, args, _ = waiting.pop(name)
