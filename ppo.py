@@ -314,7 +314,7 @@ def update(policy, optimizer, batch, cfg, generator=None, critic_only=False):
 def make_optimizer(policy, cfg):
     """AdamW with two groups: 0 the policy (ppo_lr), 1 the critic (vf_lr); eps as CleanRL."""
     return torch.optim.AdamW([{"params": policy.gpt.parameters(), "lr": cfg.ppo_lr},
-                              {"params": policy.critic_parameters(), "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)
+                             {"params": policy.critic_parameters(), "lr": cfg.vf_lr}], eps=1e-5, weight_decay=0.0)
 
 
 # -----------------------------------------------------------------------------
