@@ -95,7 +95,7 @@ PRESETS = {
 # They sit between the dataclass defaults and the preset's keys (a preset names a scale: its
 # budgets win), and then the flags: a flag given on the command line applies to every
 # method. Methods not listed were not tuned and run with the flat settings. results.json
-# records what each method ran with (config["ppo_by_method"]).
+# records what each method ran with (config["settings_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
          "ppo_edits": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
@@ -169,17 +169,18 @@ def parse_args(argv):
     cfgs = {cls: make(cls, given) for cls in SECTIONS}
     if cfgs[Config].max_new_tokens >= cfgs[Config].block_size:
         sys.exit("error: --max_new_tokens must be smaller than --block_size (the prompt needs room)")
-    pcs = by_method(cfgs, given)
-    check_rloo(cfgs[Config].methods, pcs)
-    return cfgs, pcs, force, preset
+    settings = by_method(cfgs, given)
+    check_rloo(cfgs[Config].methods, settings)
+    return cfgs, settings, force, preset
 
 
-def check_rloo(methods, pcs):
+def check_rloo(methods, settings):
     """One line and an exit where an RLOO method's rollout_batch is not a multiple of its
     rloo_k: it samples as many responses as PPO, rollout_batch / rloo_k prompts rloo_k times."""
     for m in (m for m in methods.split(",") if reward.METHODS[m].algo == "rloo"):
-        if pcs[m].rollout_batch % pcs[m].rloo_k:
-            sys.exit(f"error: {m}: --rollout_batch={pcs[m].rollout_batch} must be a multiple of --rloo_k={pcs[m].rloo_k}")
+        if settings[m].rollout_batch % settings[m].rloo_k:
+            sys.exit(f"error: {m}: --rollout_batch={settings[m].rollout_batch} must be a multiple of "
+                     f"--rloo_k={settings[m].rloo_k}")
 
 
 def make(cls, values):
@@ -197,7 +198,7 @@ def by_method(cfgs, given):
 # -----------------------------------------------------------------------------
 # The config an output folder was made with
 
-OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "ppo", "eval", "tokenizer.tiktoken", "config.json",
+OUTPUTS = ["sft", "prefs", "prefs.jsonl", "rm", "policies", "eval", "tokenizer.tiktoken", "config.json",
            "results.json", "results.md", "ppo_diagnostics.png", "learning_curves.png", "token_rewards.html"]
 UNCHECKED = {"out", "device", "seeds", "stop_after", "methods", "sweep", "jobs", "threads"}  # may change between runs of the same folder
 
@@ -215,8 +216,8 @@ def prepare_out(out, config, force):
         old = json.load(open(cpath))
         # a key the folder's config lacks did not exist when it ran; tuned settings are compared
         # for the methods that have a run in the folder (the others' may change freely)
-        ran = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(out, "ppo", "*_seed*"))}
-        same = {"ppo_by_method": lambda a, b: all(a.get(m, {}) == b.get(m, {}) for m in ran)}
+        ran = {os.path.basename(p).rsplit("_seed", 1)[0] for p in glob.glob(os.path.join(out, "policies", "*_seed*"))}
+        same = {"settings_by_method": lambda a, b: all(a.get(m, {}) == b.get(m, {}) for m in ran)}
         changed = [k for k in config if k not in UNCHECKED and k in old
                    and not same.get(k, lambda a, b: a == b)(old[k], config[k])]
         if changed:
@@ -226,8 +227,8 @@ def prepare_out(out, config, force):
     data.write_json(config, cpath)
 
 
-def sweep_grid(cfgs, pcs):
-    """The points of --sweep="key:v1,v2 key2:v1,v2 ...": [(name, cfgs, pcs)] of the grid,
+def sweep_grid(cfgs, settings):
+    """The points of --sweep="key:v1,v2 key2:v1,v2 ...": [(name, cfgs, settings)] of the grid,
     name like "lam=1,beta=0.05"; the swept keys are set like flags (for every method). One
     line and an exit on a key that changes SFT (a sweep shares its SFT model) or a bad value."""
     sft_keys = {f.name for c in (Config, data.WorldConfig) for f in dataclasses.fields(c)} - {
@@ -250,7 +251,7 @@ def sweep_grid(cfgs, pcs):
         for section, key, _, v in combo:
             one[section] = dataclasses.replace(one[section], **{key: v})
         one[Config] = dataclasses.replace(one[Config], out=os.path.join(cfgs[Config].out, name), sweep="")
-        points.append((name, one, {m: dataclasses.replace(pc, **{key: v for section, key, _, v in combo
-                                                                  if isinstance(pc, section)}) for m, pc in pcs.items()}))
+        points.append((name, one, {m: dataclasses.replace(sc, **{key: v for section, key, _, v in combo
+                                                                  if isinstance(sc, section)}) for m, sc in settings.items()}))
         check_rloo(cfgs[Config].methods, points[-1][2])  # a swept rloo_k or rollout_batch, point by point
     return points

@@ -25,6 +25,10 @@ import random
 import re
 from dataclasses import dataclass
 
+import torch
+
+from tokenizer import decode_response
+
 # -----------------------------------------------------------------------------
 # Knowledge base. Values come from small shared sets, so a wrong value is a plausible word.
 
@@ -305,6 +309,31 @@ def insert_fact(prompt, text, attr, new):
             return text[:s] + new + " " + text[s:]
     return (text + " " + new) if text.strip() else new
 
+
+def judge_token_rewards(enc, prompt, ids):
+    """The gold judge's score of one response, made dense over its token ids (eot included
+    if generated): each sentence's verdict (WEIGHTS: +1 a correct fact, -1 an error) on
+    the sentence's last token, where the verdict is decided, and each missing fact's -1 on
+    the token where the answer departed from the text with that fact inserted (the first
+    character that differs; at the end, the eot that stopped too early). The rewards sum
+    exactly to score(prompt, text): the judge's objective, only denser."""
+    text = decode_response(enc, ids)
+    ends = [len(decode_response(enc, ids[:k + 1])) for k in range(len(ids))]  # characters after token k
+
+    def at(c):  # the token holding character c of text (the last token if c is past the end)
+        return next((k for k, e in enumerate(ends) if e > c), len(ids) - 1)
+    out = [0.0] * len(ids)
+    verdicts, missing = classify(prompt, text)
+    for (_, t), kind, _, _ in verdicts:
+        out[at(t - 1)] += WEIGHTS[kind]
+    e, _ = parse_prompt(prompt)
+    for a in missing:
+        fixed = insert_fact(prompt, text, a, FACT[a].format(e=e, v=KB[e][a]))
+        d = next((i for i, (x, y) in enumerate(zip(text, fixed)) if x != y), len(text))
+        out[at(d)] += WEIGHTS["missing"]
+    return out
+
+
 # -----------------------------------------------------------------------------
 # JSONL I/O for preference records {"prompt", "chosen", "rejected", "edited"}, and JSON files.
 
@@ -328,6 +357,13 @@ def write_json(obj, path):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

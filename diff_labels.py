@@ -122,10 +122,10 @@ def apply(a, script):
     return out
 
 
-def token_labels(original, edited, mark_insertions=False, breaks=()):
+def token_labels(original, edited, mark_omissions=False, breaks=()):
     """Per-token labels: original in {-1, 0} (deleted = -1), edited in {0, +1} (inserted).
 
-    mark_insertions: also label -1, for each pure run of '+' (not directly after a '-': a
+    mark_omissions: also label -1, for each pure run of '+' (not directly after a '-': a
     replacement's removed tokens are already -1), the original token where the answer
     decided to leave the inserted text out: the first original token after the run once
     the run is slid as LATE as it can go. The sentence-aligned run (see _slide) may sit
@@ -148,7 +148,7 @@ def token_labels(original, edited, mark_insertions=False, breaks=()):
         if t == 0 or script[t - 1][0] != "+":          # a '+' run starts here
             start, replaced = t, t > 0 and script[t - 1][0] == "-"
         run_ends = t + 1 == len(script) or script[t + 1][0] != "+"
-        if mark_insertions and run_ends and not replaced:
+        if mark_omissions and run_ends and not replaced:
             k = 0  # slide the run [start, t] right past each '=' that repeats its first token
             while t + 1 + k < len(script) and script[t + 1 + k] == ("=", script[start + k][1]):
                 k += 1

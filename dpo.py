@@ -32,9 +32,13 @@ Simplified, said plainly: no dropout (as in PPO), a constant learning rate after
 warm-up (as the reward models), log-probs summed over the response tokens (the eot included)
 with no length normalisation, no label smoothing. A run is short (minutes at the default
 preset) and saved once, at the end: a killed run starts again from step 0 and, with the same
-seed and threads, reaches the same weights. --stop_after does not apply to it.
+seed and threads, reaches the same weights. --stop_after does not apply to it. Written for
+one process: train.py hands it `net`, what the policy's forward passes go through (length
+micro-batches; under torchrun DDP, each process drawing its own share of each batch), and
+saves what it returns.
 """
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -43,8 +47,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-import distributed as dist
-from model import autocast, by_length, save_atomic, token_logprobs
+from model import autocast, token_logprobs
 
 
 @dataclass
@@ -81,29 +84,35 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     return loss.sum(), stats
 
 
-def logprobs(model, chat, prompts, responses, device):
-    """log pi(y | x) of each (prompt, response) text pair under model, (B,); the batch runs in
-    micro-batches of similar lengths (model.by_length)."""
+def token_logps(gpt, idx, real):
+    """(B, T) log pi(idx[t] | idx[<t]) of a GPT, column 0 at 0 (model.token_logprobs)."""
+    return token_logprobs(gpt(idx, real=real)[0], idx)
+
+
+def logprobs(net, chat, prompts, responses, device):
+    """log pi(y | x) of each (prompt, response) text pair, (B,); net(idx, real) -> (B, T) token
+    log-probs (token_logps of a GPT, or train.py's micro-batched wrapper of it)."""
     idx, real = chat.batch(prompts, responses, device)
     with autocast(device):
-        lp = by_length(lambda i, r: token_logprobs(model(i, mask=r)[0], i), idx, real)  # (B, T)
+        lp = net(idx, real)  # (B, T)
     return sequence_logprobs(lp, chat.response_mask(idx, real))
 
 
 # -----------------------------------------------------------------------------
-# The loop: steps AdamW steps on random batches of pairs, then one checkpoint.
+# The loop: steps AdamW steps on random batches of pairs
 
-def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_point, device):
-    """DPO of policy (trained in place) against the frozen ref on pairs, records whose field
-    better (chosen or edited) is preferred to "rejected". curve_point(step) -> a learning-curve
-    point, taken at 0 and every steps // 8 steps. Saves {"policy" (the GPT's weights under
-    "gpt.", as in PPO's checkpoints), "iter", "log", "curve"} at path; returns that state."""
+def train(policy, ref, chat, pairs, better, cfg, steps, seed, name, curve_point, device, net=None):
+    """DPO of policy (trained in place) against the frozen reference on pairs, records whose
+    field better (chosen or edited) is preferred to "rejected". ref(idx, real) -> the
+    reference's token log-probs; net: the same of the policy, what it trains through
+    (token_logps of policy by default). curve_point(step) -> a learning-curve point, taken at
+    0 and every steps // 8 steps. Returns the state {"iter", "log", "curve"}."""
+    net = functools.partial(token_logps, policy) if net is None else net
     x = [r["prompt"] for r in pairs]
     with torch.no_grad():  # pi_ref never changes: its log-probs once, 64 pairs at a time
         ref_lp = {k: torch.cat([logprobs(ref, chat, x[i:i + 64], [r[k] for r in pairs[i:i + 64]], device)
                                 for i in range(0, len(pairs), 64)]) for k in (better, "rejected")}
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.dpo_lr, eps=1e-5, weight_decay=0.0)
-    net = dist.wrap(policy)  # torchrun: averages the gradients over the ranks
     g, every = random.Random(seed), max(steps // 8, 1)
     policy.eval()  # no dropout: at step 0 pi = pi_ref exactly
     state = {"iter": 0, "log": [], "curve": [curve_point(0)]}
@@ -111,14 +120,13 @@ def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_
         t0 = time.perf_counter()
         for group in opt.param_groups:  # short warm-up, then constant
             group["lr"] = cfg.dpo_lr * min(1.0, step / 20)
-        batch = dist.shard(g.sample(range(len(pairs)), min(cfg.dpo_batch, len(pairs))))  # this rank's slice
+        batch = g.sample(range(len(pairs)), min(cfg.dpo_batch, len(pairs)))
         prompts = [x[i] for i in batch]
         # the method: summed log-probs of both responses, their implicit rewards against pi_ref, the BT loss
         logp_w, logp_l = logprobs(net, chat, prompts * 2, [pairs[i][k] for k in (better, "rejected") for i in batch],
                                   device).chunk(2)  # both responses of every pair in one batch
         loss, stats = dpo_loss(logp_w, logp_l, ref_lp[better][batch], ref_lp["rejected"][batch], cfg.beta_dpo)
-        n = dist.global_count(len(batch))  # the pairs of all ranks' slices
-        loss = loss / n
+        loss = loss / len(batch)  # the mean over the pairs
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{name} stopped at step {step}: loss is {loss.item()}; nothing saved")
         opt.zero_grad(set_to_none=True)
@@ -126,7 +134,7 @@ def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.dpo_grad_clip)
         opt.step()
         # the plumbing: log, learning curve
-        row = {"step": step, **{k: (dist.all_reduce_sum(v) / dist.world_size / n).item() for k, v in stats.items()},
+        row = {"step": step, **{k: (v / len(batch)).item() for k, v in stats.items()},
                "t_update": time.perf_counter() - t0}
         state["log"].append(row)
         if step % every == 0 or step == steps:
@@ -136,6 +144,4 @@ def train(policy, ref, chat, pairs, better, cfg, steps, seed, path, name, curve_
             tqdm.write(f"{name} step {step} | loss {row['loss']:.4f} | reward_acc {row['reward_acc']:.3f} | "
                        f"margin {row['margin']:.3f} | s: update {row['t_update']:.2f} curve {row['t_curve']:.2f}")
     state["iter"] = steps
-    if dist.master:
-        save_atomic({"policy": {f"gpt.{k}": v for k, v in policy.state_dict().items()}, **state}, path)
     return state

@@ -4,7 +4,7 @@ and batched sampling over prompts of different lengths.
 
 References: GPT-2 (Radford et al., 2019); nanoGPT (Karpathy). What differs from nanoGPT:
 - forward returns logits for *all* positions: reward models and PPO score every token;
-- batches are left-padded and carry a mask of real tokens, from which each row gets its
+- batches are left-padded and carry `real`, True at real tokens, from which each row gets its
   own positions (0 at its first real token), so a padded prompt behaves exactly like the
   same prompt alone;
 - a KV cache for generation (`use_cache=False` recomputes everything, for tests/bench).
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from tokenizer import split_by_length
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,14 +81,14 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of all layers for the positions seen so far, plus the mask of real
-    tokens and the count of real tokens per row (the next position id of each row)."""
+    """Keys and values of all layers for the positions seen so far, and which of those
+    positions hold real tokens (the count per row is the next position id of each row)."""
 
     def __init__(self, config, B, T_max, device, dtype=torch.float32):
         hs = config.n_embd // config.n_head
         self.k = torch.zeros(config.n_layer, B, config.n_head, T_max, hs, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.mask = torch.zeros(B, T_max, dtype=torch.bool, device=device)
+        self.real = torch.zeros(B, T_max, dtype=torch.bool, device=device)
         self.t = 0          # positions filled so far (shared by all rows: the batch is left-padded)
         self.layer = 0      # which layer the next update() writes
 
@@ -102,11 +100,11 @@ class KVCache:
         self.layer += 1
         return self.k[i, :, :, :self.t + T], self.v[i, :, :, :self.t + T]
 
-    def add_mask(self, mask):
-        """Record which of the next T positions are real (mask (B, T)); returns the real keys up
+    def add_real(self, real):
+        """Record which of the next T positions are real (real (B, T)); returns the real keys up
         to them (B, t + T) and the count of real tokens before them (B, 1)."""
-        self.mask[:, self.t:self.t + mask.size(1)] = mask
-        return self.mask[:, :self.t + mask.size(1)], self.mask[:, :self.t].sum(1, keepdim=True)
+        self.real[:, self.t:self.t + real.size(1)] = real
+        return self.real[:, :self.t + real.size(1)], self.real[:, :self.t].sum(1, keepdim=True)
 
     def advance(self, T):
         """Every layer has written the T new positions: the next call continues after them."""
@@ -192,24 +190,32 @@ class GPT(nn.Module):
         model.load_state_dict(ours)  # strict: every parameter of ours is in the checkpoint, and only those
         return model
 
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The GPT of a checkpoint this project wrote, {"model": state_dict, "model_args": GPTConfig fields}."""
+        ck = torch.load(path, map_location=device, weights_only=True)
+        model = cls(GPTConfig(**ck["model_args"])).to(device)
+        model.load_state_dict(ck["model"])
+        return model
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def hidden(self, idx, mask=None, cache=None):
-        """Final hidden states (B, T, C) of tokens idx (B, T). mask (B, T) is True at real
+    def hidden(self, idx, real=None, cache=None):
+        """Final hidden states (B, T, C) of tokens idx (B, T). real (B, T) is True at real
         tokens (False at padding); with a cache, idx continues the cached positions."""
         B, T = idx.size()
-        mask = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
+        real = torch.ones_like(idx, dtype=torch.bool) if real is None else real.bool()
         t0 = cache.t if cache is not None else 0
         # (B, Tk) real keys, past and present; (B, 1) real tokens before idx
-        mask_k, past = cache.add_mask(mask) if cache is not None else (mask, 0)
-        pos = (past + mask.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
+        real_k, past = cache.add_real(real) if cache is not None else (real, 0)
+        pos = (past + real.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
         assert pos.max() < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
         # A query attends to earlier real keys; it may always attend to itself, so that padding
         # queries (whose outputs nobody reads) do not produce NaNs from an empty softmax.
         q_idx = torch.arange(t0, t0 + T, device=idx.device)[:, None]  # (T, 1)
         k_idx = torch.arange(t0 + T, device=idx.device)[None, :]      # (1, Tk)
-        allowed = (k_idx <= q_idx) & (mask_k[:, None, :] | (k_idx == q_idx))  # (B, T, Tk)
+        allowed = (k_idx <= q_idx) & (real_k[:, None, :] | (k_idx == q_idx))  # (B, T, Tk)
         allowed = allowed[:, None]  # (B, 1, T, Tk), broadcast over heads
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
@@ -218,10 +224,10 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, mask=None, cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, real=None, cache=None, reduction="mean"):
         """Logits (B, T, V) at every position, and the cross-entropy against targets (B, T)
         where targets != -1, their mean or sum (None without targets)."""
-        logits = self.lm_head(self.hidden(idx, mask, cache))  # (B, T, V)
+        logits = self.lm_head(self.hidden(idx, real, cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -244,8 +250,8 @@ class GPT(nn.Module):
         every new token is appended at the same column. Each row stops after it emits
         `eot` (later columns are `pad`). Returns
             idx       (B, P + N) prompt and response tokens,
-            resp_mask (B, P + N) True at response tokens (the eot included); the mask of
-                      real tokens is then (idx != pad) | resp_mask,
+            resp_mask (B, P + N) True at response tokens (the eot included); the real
+                      tokens are then (idx != pad) | resp_mask,
             logprobs  (B, P + N) log-prob of each response token under the sampling
                       distribution (temperature and top-k applied), 0 elsewhere.
         """
@@ -255,17 +261,17 @@ class GPT(nn.Module):
         idx = torch.full((B, P), pad, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask = idx != pad  # (B, P)
-        resp_mask = torch.zeros_like(mask)
+        real = idx != pad  # (B, P)
+        resp_mask = torch.zeros_like(real)
         logprobs = torch.zeros(B, P, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         cache = KVCache(self.config, B, P + max_new_tokens, device, self.lm_head.weight.dtype) if use_cache else None
-        x, x_mask = idx, mask  # what the next forward pass reads
+        x, x_real = idx, real  # what the next forward pass reads
         for _ in range(max_new_tokens):
             if use_cache:
-                logits, _ = self(x, mask=x_mask, cache=cache)
+                logits, _ = self(x, real=x_real, cache=cache)
             else:
-                logits, _ = self(idx, mask=mask)  # recompute the whole context every step
+                logits, _ = self(idx, real=real)  # recompute the whole context every step
             logits = logits[:, -1, :].float()  # (B, V) next-token logits
             if temperature > 0:
                 logits = logits / temperature
@@ -280,10 +286,10 @@ class GPT(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             lp = torch.where(done, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
             idx = torch.cat([idx, nxt[:, None]], 1)
-            mask = torch.cat([mask, ~done[:, None]], 1)
+            real = torch.cat([real, ~done[:, None]], 1)
             resp_mask = torch.cat([resp_mask, ~done[:, None]], 1)
             logprobs = torch.cat([logprobs, lp[:, None]], 1)
-            x, x_mask = nxt[:, None], ~done[:, None]
+            x, x_real = nxt[:, None], ~done[:, None]
             done = done | (nxt == eot)
             if done.all():
                 break
@@ -299,71 +305,14 @@ def token_logprobs(logits, tokens, temperature=1.0):
     return F.pad(lp, (1, 0))
 
 
-def pad_first(real, *rows):
-    """Each row's padding moved in front of its real tokens (a stable sort of its columns by
-    real), then the columns that are padding in every row dropped: generate's layout (prompts
-    padded on the left, responses on the right) becomes chat.batch's, every row ending at the
-    last column, as by_length needs. real (B, T) bool and each of rows (B, T) -> the same,
-    re-laid alike, (B, T') with T' the longest row."""
-    order = torch.argsort(real.int(), dim=1, stable=True)  # (B, T) padding first, each part in order
-    n = int(real.sum(1).max())
-    return [x.gather(1, order)[:, -n:] for x in (real, *rows)]
-
-
-def by_length(f, idx, real, *rows, max_parts=4):
-    """f(idx, real, *rows) of a batch padded on the left (every row ending at the last column),
-    run as up to max_parts micro-batches of rows of similar length, each cut to its longest
-    row (tokenizer.split_by_length): about the cost of the real tokens, not B times the
-    longest row. A row sees only its own real tokens (hidden), so each row's outputs are the
-    whole batch's, up to float rounding. f returns a (b, t, ...) tensor or a tuple of them
-    (None passes through); the result is (B, T, ...) in the batch's row order, 0 in the
-    columns a micro-batch did not reach."""
-    assert bool(real[:, -1].all()), "by_length reads rows padded on the left (pad_first)"
-    T, lengths = idx.size(1), real.sum(1).tolist()
-    runs = split_by_length(lengths, max_parts)
-    outs = []
-    for run in runs:
-        n, r = max(lengths[i] for i in run), torch.tensor(run, device=idx.device)
-        out = f(idx[r, -n:], real[r, -n:], *(x[r, -n:] for x in rows))
-        outs.append(out if isinstance(out, tuple) else (out,))
-    back = torch.argsort(torch.tensor([i for run in runs for i in run], device=idx.device))  # sorted -> batch order
-
-    def join(parts):  # (b, n, ...) per run -> (B, T, ...): padded back on the left, rows put back
-        if parts[0] is None:
-            return None
-        return torch.cat([F.pad(p, (0, 0) * (p.dim() - 2) + (T - p.size(1), 0)) for p in parts])[back]
-    joined = tuple(join(parts) for parts in zip(*outs))
-    return joined if isinstance(out, tuple) else joined[0]
-
-
-def pick_device(device="auto"):
-    """cuda -> mps -> cpu, unless a device is named; a named device that is not there raises
-    ValueError with one line that says so."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: CUDA is not available on this machine; use --device=cpu (or auto)")
-    if device == "mps" and not has_mps:
-        raise ValueError("--device=mps: MPS is not available on this machine; use --device=cpu (or auto)")
-    return device
-
-
 def autocast(device):
-    """bf16 autocast on CUDA GPUs that support it; full fp32 elsewhere."""
+    """The precision the model's forward runs at on device: bf16 autocast on CUDA GPUs that
+    support it (the weights, the optimiser and the losses stay fp32), full fp32 elsewhere."""
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: every model of a run is a GPT (plus a head), saved as a state dict.
-
-def save_atomic(obj, path):
-    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def gpt2_files(path):
@@ -373,11 +322,3 @@ def gpt2_files(path):
     if not {"config.json", "vocab.json", "merges.txt"} <= have or not have & {"model.safetensors", "pytorch_model.bin"}:
         raise ValueError(f"--init={path}: no GPT-2 checkpoint there; download one with `huggingface-cli download gpt2 "
                          f"config.json model.safetensors vocab.json merges.txt --local-dir {path}`")
-
-
-def load_gpt(path, device):
-    """The GPT of a checkpoint written as {"model": state_dict, "model_args": GPTConfig fields}."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**ck["model_args"])).to(device)
-    model.load_state_dict(ck["model"])
-    return model

@@ -1,27 +1,43 @@
 """
-Reward models on a GPT trunk initialised from the SFT weights:
+Reward models, and the reward each RL method optimises.
 
-- TokenRM: a per-token classifier trained on the Myers-diff labels of minimal edits
-  (the fine-grained reward of Xu et al., ACL 2024). Two label schemes:
-    paper        3 classes bad / neutral / good from token_labels; r_t = p(good) - p(bad).
-    bad_vs_rest  2 classes; bad = deleted or replaced tokens of the original plus
-                 insertion points (the original token before which the edit inserts
-                 text, or <|endoftext|> when it appends), so that an omission has a token
-                 to blame; r_t = -p(bad).
-  Why two: an inserted correct token looks exactly like an unchanged correct token, so
-  "good" is close to unlearnable, and omissions leave no token at all without insertion
-  points (a prototype measured F1 ~ 0 for "good"; insertion points follow TLCR, arXiv 2407.16574).
+- TokenRM: a per-token classifier on a GPT trunk (initialised from SFT), trained on the
+  Myers-diff labels of minimal edits (diff_labels.py). Two label schemes, both this project's:
+    paper        3 classes bad / neutral / good, from token_labels; r_t = p(good) - p(bad):
+                 our reading of Xu et al. (ACL 2024), whose abstract does not give its labels,
+                 loss or reward.
+    bad_vs_rest  2 classes, bad = the tokens the edit deletes or replaces, plus an omission
+                 mark on the token where the answer departs from an edit that inserts text
+                 (the eot when the edit appends); r_t = -p(bad). The default: an inserted
+                 correct token looks exactly like an unchanged one, so "good" is close to
+                 unlearnable (a prototype measured F1 ~ 0), and without the mark an omission
+                 leaves no token to blame.
 - SeqRM: a scalar head read at the last response token (<|endoftext|>), trained with the
-  Bradley-Terry loss -log σ(r_chosen - r_rejected) (Ouyang et al., 2022). Trained on
-  (chosen, rejected) it is the standard RLHF baseline; on (edited, rejected) it is the
-  ablation that sees the same edited data as the token RM but gives one number.
+  Bradley-Terry loss -log sigma(r_chosen - r_rejected) (Ouyang et al., 2022). On (chosen,
+  rejected) it is the standard RLHF baseline; on (edited, rejected) the ablation that sees the
+  edits but gives one number.
 
-Below the models: how a minimal edit becomes per-token classes (label_pair, rm_examples),
-the training loops (train_token_rm, train_seq_rm), the reward scale fitted on SFT samples
-(fit_norm), what each --methods name means (METHODS: its algorithm, its reward or its pairs),
-and what each RL method reads per token (reward_fn): the answer to "what reward does
-fine-grained PPO get?". Labels use -1 for "ignore" (prompt, padding), as
-nanoGPT's targets do. Run as stage 3 of `python train.py`; tests/test_reward.py checks it.
+The reward of RL, written once (ppo.py and the README point here). For a response y_1..y_n
+to a prompt x (y_n the eot, or the last token of an answer cut at max_new_tokens), every
+response token t gets, as a (B, T) tensor over prompt + response (0 off the response):
+
+    r_t = -beta * (log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t))     KL penalty (ppo.py)
+          + (u_t - c * [t = n]) / s                                        task reward
+          + trunc_penalty * [t = n and y has no eot]                       truncation
+
+where u_t is the method's unnormalised reward (METHODS):
+    dense  (fg_ppo, rloo_fg)        u_t = the token RM's r_t above, on every response token
+    final  (ppo, ppo_edits, rloo)   u_t = [t = n] * the sequence RM's score of (x, y)
+    oracle (oracle_ppo, oracle_fg)  the gold judge's score at n, or its verdicts at the tokens
+                                    that decide them (gold_rewards)
+and c, s are the mean and standard deviation of sum_t u_t over the SFT samples (fit_norm): a
+response's summed task reward is (sum_t u_t - c) / s, mean 0 and std 1 on SFT answers for
+every method. The centre c is taken once per response, at its last token, never per token: a
+per-token centre would pay for length. `reward_fn` computes the task reward; the KL penalty
+and the truncation term are added by ppo.rollout.
+
+Labels use -1 for "ignore" (prompt, padding), as nanoGPT's targets do. Run as stage 3 of
+`python train.py`; tests/test_reward.py checks it.
 """
 
 import dataclasses
@@ -37,9 +53,9 @@ from tqdm import tqdm
 
 import data
 import diff_labels
-import distributed as dist
 import tokenizer as tok
-from model import GPT, GPTConfig, autocast, load_gpt, save_atomic
+from data import save_atomic
+from model import GPT, GPTConfig, autocast
 
 
 @dataclass
@@ -119,23 +135,7 @@ def label_pair(enc, original, edited, scheme):
     may be given as text or, for sampled responses, as the token ids actually generated."""
     ids = [x if isinstance(x, list) else tok.response_ids(enc, x) for x in (original, edited)]
     breaks = {enc.encode_ordinary(c)[0] for c in ".?!"}  # sentence ends: deletions snap to sentences
-    return diff_labels.token_labels(*ids, mark_insertions=(scheme == "bad_vs_rest"), breaks=breaks)
-
-
-def label_stats(enc, records):
-    """What the (paper-scheme) labels of the edited records look like: the fraction of each
-    label over all tokens, and the mean token edit distance and rejected-response length."""
-    counts, dist, length = {-1: 0, 0: 0, 1: 0}, 0, 0
-    edited = [r for r in records if "edited" in r]
-    for r in edited:
-        lo, le = label_pair(enc, r["rejected"], r["edited"], "paper")
-        for v in lo + le:
-            counts[v] += 1
-        dist += sum(v != 0 for v in lo + le)  # token edit distance = deleted + inserted tokens
-        length += len(lo)
-    n_tok, n = max(sum(counts.values()), 1), max(len(edited), 1)
-    return {"label_fraction": {"-1": counts[-1] / n_tok, "0": counts[0] / n_tok, "+1": counts[1] / n_tok},
-            "mean_edit_distance_tokens": dist / n, "mean_response_tokens": length / n}
+    return diff_labels.token_labels(*ids, mark_omissions=(scheme == "bad_vs_rest"), breaks=breaks)
 
 
 def rm_examples(chat, records, scheme):
@@ -167,7 +167,8 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     (summed loss, count) of a micro-batch: the batch is cut into micro-batches of similar
     lengths (lengths[i]: tokens of pair i's longer sequence; tok.split_by_length), and the
     step's loss is their summed losses over their summed counts, as for the whole batch at
-    once. A non-finite loss raises FloatingPointError before anything is saved."""
+    once. A non-finite loss raises FloatingPointError before anything is saved. Under torchrun
+    (train.py) each process draws its own batches of its share of rm_batch."""
     g, n = random.Random(seed), len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
@@ -175,11 +176,11 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     for it in pbar:
         for group in opt.param_groups:  # short warmup, then constant
             group["lr"] = rmc.rm_lr * min(1.0, (it + 1) / 20)
-        batch = dist.shard(g.sample(range(n), min(rmc.rm_batch, n)))  # torchrun: this rank's slice
+        batch = g.sample(range(n), min(rmc.rm_batch, n))
         with autocast(device):
             sums, counts = zip(*(loss_of([batch[i] for i in run])
                                  for run in tok.split_by_length([lengths[i] for i in batch])))
-            loss = sum(sums) / dist.global_count(sum(counts))  # the counts of all ranks' slices
+            loss = sum(sums) / sum(counts)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
         opt.zero_grad(set_to_none=True)
@@ -190,11 +191,12 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
     return model.eval()
 
 
-def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
-    """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences of each pair."""
+def train_token_rm(chat, sft_path, pairs, rmc, seed, device, wrap=lambda rm: rm):
+    """Token RM: per-token cross-entropy on the diff labels of (rejected, edited), both sequences
+    of each pair. wrap(rm): what it trains through (train.py: DDP under torchrun)."""
     ex = rm_examples(chat, pairs, rmc.rm_scheme)
-    rm = TokenRM(load_gpt(sft_path, device), rmc.rm_scheme).to(device)
-    net = dist.wrap(rm)  # trained through (torchrun: averages the gradients over the ranks)
+    rm = TokenRM(GPT.from_checkpoint(sft_path, device), rmc.rm_scheme).to(device)
+    net = wrap(rm)
     w = torch.tensor([rmc.rm_bad_weight] + [1.0] * (len(set(SCHEMES[rmc.rm_scheme].values())) - 1), device=device)
 
     def loss(batch):  # summed (class-weighted) cross-entropy and the summed weights it is a mean over
@@ -203,10 +205,10 @@ def train_token_rm(chat, sft_path, pairs, rmc, seed, device):
     return train_rm(rm, loss, [max(len(x) for x, _ in pair) for pair in ex], rmc, "rm token", seed, device)
 
 
-def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc):
-    """Sequence RM: Bradley-Terry on (pair[better], pair["rejected"])."""
-    rm = SeqRM(load_gpt(sft_path, device)).to(device)
-    net = dist.wrap(rm)  # trained through (torchrun: averages the gradients over the ranks)
+def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc, wrap=lambda rm: rm):
+    """Sequence RM: Bradley-Terry on (pair[better], pair["rejected"]); wrap as train_token_rm's."""
+    rm = SeqRM(GPT.from_checkpoint(sft_path, device)).to(device)
+    net = wrap(rm)
     lengths = [max(len(chat.prompt(p["prompt"]) + chat.response(p[k])) for k in (better, "rejected")) for p in pairs]
 
     def loss(batch):  # one forward of the better and the rejected responses together
@@ -223,10 +225,11 @@ def save_rm(rm, norm, path):
 
 
 def load_rm(path, device):
-    """(RM in eval mode, its norm) of a checkpoint written by save_rm; token.pt holds the token RM."""
+    """(RM in eval mode, its norm) of a checkpoint written by save_rm: a TokenRM if it names a
+    label scheme, else a SeqRM."""
     ck = torch.load(path, map_location=device, weights_only=True)
     gpt = GPT(GPTConfig(**ck["model_args"]))
-    rm = TokenRM(gpt, ck["scheme"]) if path.endswith("token.pt") else SeqRM(gpt)
+    rm = TokenRM(gpt, ck["scheme"]) if ck["scheme"] else SeqRM(gpt)
     rm.load_state_dict(ck["model"])
     return rm.to(device).eval(), ck["norm"]
 
@@ -307,34 +310,10 @@ def final_token_rewards(scores, resp_mask):
     return out * resp_mask
 
 
-def judge_token_rewards(enc, prompt, ids):
-    """The gold judge's score of one response, made dense over its token ids (eot included
-    if generated): each sentence's verdict (data.WEIGHTS: +1 a correct fact, -1 an error) on
-    the sentence's last token, where the verdict is decided, and each missing fact's -1 on
-    the token where the answer departed from the text with that fact inserted (the first
-    character that differs; at the end, the eot that stopped too early). The rewards sum
-    exactly to data.score(prompt, text): the judge's objective, only denser."""
-    text = tok.decode_response(enc, ids)
-    ends = [len(tok.decode_response(enc, ids[:k + 1])) for k in range(len(ids))]  # characters after token k
-
-    def at(c):  # the token holding character c of text (the last token if c is past the end)
-        return next((k for k, e in enumerate(ends) if e > c), len(ids) - 1)
-    out = [0.0] * len(ids)
-    verdicts, missing = data.classify(prompt, text)
-    for (_, t), kind, _, _ in verdicts:
-        out[at(t - 1)] += data.WEIGHTS[kind]
-    e, _ = data.parse_prompt(prompt)
-    for a in missing:
-        fixed = data.insert_fact(prompt, text, a, data.FACT[a].format(e=e, v=data.KB[e][a]))
-        d = next((i for i, (x, y) in enumerate(zip(text, fixed)) if x != y), len(text))
-        out[at(d)] += data.WEIGHTS["missing"]
-    return out
-
-
 def gold_rewards(chat, idx, real, resp_mask, dense):
     """Oracle rewards, unnormalised: the gold judge's score on the last response token
     (final), or the same score spread over the tokens that decide it (dense,
-    judge_token_rewards). The two oracles optimise one objective at two densities."""
+    data.judge_token_rewards). The two oracles optimise one objective at two densities."""
     prompts, responses = chat.split(idx, resp_mask)
     if not dense:
         scores = [data.score(p, tok.decode_response(chat.enc, r)) for p, r in zip(prompts, responses)]
@@ -342,31 +321,29 @@ def gold_rewards(chat, idx, real, resp_mask, dense):
     out = torch.zeros(idx.shape, device=idx.device)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         cols = resp_mask[i].nonzero().squeeze(1)  # reward k belongs to the k-th response token
-        out[i, cols] = torch.tensor(judge_token_rewards(chat.enc, p, r), device=idx.device)
+        out[i, cols] = torch.tensor(data.judge_token_rewards(chat.enc, p, r), device=idx.device)
     return out
 
 
-def reward_fn(method, rm_dir, chat, samples, rmc, device):
-    """(idx, real, resp_mask) -> (B, T) task rewards of a method, normalised on the SFT
-    samples {"prompts", "responses"}: dense rewards on every response token, or a final
-    score on the eot (the KL penalty is added by ppo.rollout)."""
+def reward_fn(method, rm_dir, chat, samples, device):
+    """(idx, real, resp_mask) -> (B, T) task rewards of a method: (u_t - c * [t = n]) / s of the
+    module docstring, with c and s fitted on the SFT samples {"prompts", "responses"}."""
     source, dense = METHODS[method].reward, METHODS[method].dense
     if source in ("seq", "token", "seq_edits"):
         rm, norm = load_rm(os.path.join(rm_dir, f"{source}.pt"), device)
         if dense:
-            raw = rm.token_rewards
+            unnormalised = rm.token_rewards
         else:
-            def raw(idx, real, resp_mask):
+            def unnormalised(idx, real, resp_mask):
                 return final_token_rewards(rm(idx, real), resp_mask.float())
     else:
-        def raw(idx, real, resp_mask):
+        def unnormalised(idx, real, resp_mask):
             return gold_rewards(chat, idx, real, resp_mask, dense)
         idx, real = chat.batch(samples["prompts"], samples["responses"], device)
-        resp = chat.response_mask(idx, real)
-        norm = fit_norm(raw(idx, real, resp).sum(1))  # as for the RMs
+        norm = fit_norm(unnormalised(idx, real, chat.response_mask(idx, real)).sum(1))  # as for the RMs
 
     def fn(idx, real, resp_mask):
         with autocast(device):
-            r = raw(idx, real, resp_mask).float()
-        return normalise(r, resp_mask, norm)  # a response's summed reward: mean 0, std 1 on SFT samples
+            u = unnormalised(idx, real, resp_mask).float()
+        return normalise(u, resp_mask, norm)  # a response's summed task reward: mean 0, std 1 on SFT samples
     return fn

@@ -193,6 +193,17 @@ def pad_left(seqs, pad):
     return idx, real
 
 
+def pad_first(real, *rows):
+    """Each row's padding moved in front of its real tokens (a stable sort of its columns by
+    real), then the columns that are padding in every row dropped: generate's layout (prompts
+    padded on the left, responses on the right) becomes Chat.batch's, every row ending at the
+    last column. real (B, T) bool and each of rows (B, T) -> the same, re-laid alike, (B, T')
+    with T' the longest row."""
+    order = torch.argsort(real.int(), dim=1, stable=True)  # (B, T) padding first, each part in order
+    n = int(real.sum(1).max())
+    return [x.gather(1, order)[:, -n:] for x in (real, *rows)]
+
+
 def split_by_length(lengths, max_parts=4):
     """A batch's indices sorted by length and cut into at most max_parts runs, the cuts
     placed to minimise the padded area sum(len(run) * longest in run) (a small dynamic
@@ -253,6 +264,11 @@ class Chat:
             responses.append([t for t, k in zip(row, m) if k])
         return prompts, responses
 
+    def responses(self, idx, resp_mask):
+        """The decoded responses (eot stripped) of a batch of sequences."""
+        return [decode_response(self.enc, [t for t, k in zip(row, m) if k])
+                for row, m in zip(idx.tolist(), resp_mask.tolist())]
+
     @torch.no_grad()
     def sample(self, model, prompts, generator, temperature=1.0, batch=64):
         """Decoded responses (eot stripped) of model to prompts, sampled in batches with the KV cache."""
@@ -262,6 +278,5 @@ class Chat:
             ids = [self.prompt(p) for p in prompts[i:i + batch]]
             idx, resp_mask, _ = model.generate(ids, self.max_new_tokens, self.eot, self.pad,
                                                temperature=temperature, generator=generator)
-            out += [decode_response(self.enc, [t for t, k in zip(row, m) if k])
-                    for row, m in zip(idx.tolist(), resp_mask.tolist())]
+            out += self.responses(idx, resp_mask)
         return out

@@ -20,6 +20,7 @@ whether every pair has an edit: the token RM and the sequence RM on edits need o
 import functools
 import os
 import random
+import sys
 
 import torch
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import data
 import reward
 import tokenizer as tok
-from model import load_gpt
+from model import GPT
 
 
 class ToyWorld:
@@ -54,7 +55,7 @@ class ToyWorld:
     def preference_pairs(self, chat, sft_path, n, seed, device):
         """n records {"prompt", "chosen", "rejected", "edited"} from pairs of SFT samples at
         temperature 1; returns (records, number of pairs dropped as ties)."""
-        sft = load_gpt(sft_path, device)
+        sft = GPT.from_checkpoint(sft_path, device)
         rng = random.Random(seed)
         # The annotator's misses draw from their own stream, so that the pairs are the same at
         # every p_annotator_miss and only the edits differ (with p = 0 it never draws).
@@ -148,6 +149,21 @@ class RecordsWorld:
         return ["", f"Judge: a sequence RM trained on {len(self.judge_records)} held-out pairs of {self.cfg.data}, not a "
                 "gold judge. It is biased (same SFT trunk, same annotators) and can be exploited by the policies it "
                 "judges; treat these win rates as a sanity check, not a result."]
+
+
+def runnable(world, methods):
+    """The methods of the list that world can run: one line and an exit for the oracle methods
+    without a gold judge; without an edit in every pair, those that need none (the token RM, the
+    RM on edits and DPO on edits need one), with a note."""
+    if not world.gold and any(m.startswith("oracle") for m in methods):
+        sys.exit("error: the oracle methods need the toy world's gold judge; drop them with --data")
+    if world.has_edits:
+        return methods
+    kept = [m for m in methods if not reward.METHODS[m].needs_edits]
+    if not kept:
+        sys.exit(f"error: --methods={','.join(methods)} all need an 'edited' field in every record of {world.cfg.data}")
+    print(f"note: not every record has an 'edited' field, so only the methods without edits run: {', '.join(kept)}")
+    return kept
 
 
 def make_world(cfg, world_cfg, device):

@@ -113,18 +113,18 @@ def labels_shapes_and_values(m):
     for _ in range(300):
         a, b = random_pair(rng)
         for mark in (False, True):
-            lo, le = m.token_labels(a, b, mark_insertions=mark)
+            lo, le = m.token_labels(a, b, mark_omissions=mark)
             assert len(lo) == len(a) and len(le) == len(b)
             assert set(lo) <= {-1, 0} and set(le) <= {0, 1}
             assert le.count(1) == sum(op == "+" for op, _ in diff_labels.diff(a, b))
 
 
 def labels_substitution(m):
-    """A substitution marks exactly the old token -1 and the new token +1 (and no insertion point)."""
+    """A substitution marks exactly the old token -1 and the new token +1 (and no omission mark)."""
     a = ["The", " cow", " eats", " fish", ".", EOT]
     b = ["The", " cow", " eats", " grass", ".", EOT]
     for mark in (False, True):
-        assert m.token_labels(a, b, mark_insertions=mark) == ([0, 0, 0, -1, 0, 0], [0, 0, 0, 1, 0, 0])
+        assert m.token_labels(a, b, mark_omissions=mark) == ([0, 0, 0, -1, 0, 0], [0, 0, 0, 1, 0, 0])
 
 
 def labels_sentence_deletion(m):
@@ -139,41 +139,41 @@ def labels_sentence_deletion(m):
     assert m.token_labels(a, a[:2] + a[4:], breaks={"."})[0] == [0, 0, 0, 0, -1, -1, 0]
 
 
-def labels_insertion_points(m):
-    """A pure insertion: +1 on the inserted tokens; with mark_insertions also -1 on the
+def labels_omission_marks(m):
+    """A pure insertion: +1 on the inserted tokens; with mark_omissions also -1 on the
     original token that follows it, or on the eot when the edit appends."""
     a = ["The", " cow", " eats", ".", EOT]
     b = ["The", " cow", " eats", " grass", ".", EOT]
     assert m.token_labels(a, b) == ([0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0])
-    assert m.token_labels(a, b, mark_insertions=True) == ([0, 0, 0, -1, 0], [0, 0, 0, 1, 0, 0])
+    assert m.token_labels(a, b, mark_omissions=True) == ([0, 0, 0, -1, 0], [0, 0, 0, 1, 0, 0])
     a = ["The", " cow", " is", " big", ".", EOT]
     b = a[:5] + [" It", " says", " moo", "."] + [EOT]
-    lo, le = m.token_labels(a, b, mark_insertions=True, breaks={"."})
+    lo, le = m.token_labels(a, b, mark_omissions=True, breaks={"."})
     assert lo == [0, 0, 0, 0, 0, -1] and le == [0] * 5 + [1] * 4 + [0]
     assert m.token_labels(a, b)[0] == [0] * 6
 
 
-def labels_decision_token(m):
+def labels_omission_mark_placement(m):
     """An omitted sentence is marked where the answer departs from the edit, not where the
     sentence-aligned insertion starts: in the middle, at the start and at the end."""
     fact = lambda *w: list(w) + ["."]  # noqa: E731
     food, legs = fact(" The", " cow", " eats", " grass"), fact(" The", " cow", " has", " four", " legs")
     home = fact(" The", " cow", " lives", " in", " the", " barn")
     a, b = food + legs + [EOT], food + home + legs + [EOT]         # the middle: " has" skipped the fact
-    lo, le = m.token_labels(a, b, mark_insertions=True, breaks={"."})
+    lo, le = m.token_labels(a, b, mark_omissions=True, breaks={"."})
     assert [a[k] for k, v in enumerate(lo) if v] == [" has"]
     assert [b[k] for k, v in enumerate(le) if v] == home            # the + labels stay sentence-aligned
     colour, size = fact("The", " cow", " is", " brown"), fact(" The", " cow", " is", " big", " in", " size")
     a, b = ["The"] + size[1:] + [EOT], colour + size + [EOT]        # the start: " big" where " brown" was due
-    lo, _ = m.token_labels(a, b, mark_insertions=True, breaks={"."})
+    lo, _ = m.token_labels(a, b, mark_omissions=True, breaks={"."})
     assert [a[k] for k, v in enumerate(lo) if v] == [" big"]
     a, b = food + [EOT], food + legs + [EOT]                        # the end: stopping skipped it
-    lo, _ = m.token_labels(a, b, mark_insertions=True, breaks={"."})
+    lo, _ = m.token_labels(a, b, mark_omissions=True, breaks={"."})
     assert lo == [0] * len(food) + [-1]
 
 
-TOKEN_LABELS = [labels_shapes_and_values, labels_substitution, labels_sentence_deletion, labels_insertion_points,
-                labels_decision_token]
+TOKEN_LABELS = [labels_shapes_and_values, labels_substitution, labels_sentence_deletion, labels_omission_marks,
+                labels_omission_mark_placement]
 
 # -----------------------------------------------------------------------------
 # The token reward model's loss, by hand

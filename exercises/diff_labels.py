@@ -50,7 +50,7 @@ def _backtrack(a, b, trace, off):
     raise NotImplementedError
 
 
-def token_labels(original, edited, mark_insertions=False, breaks=()):
+def token_labels(original, edited, mark_omissions=False, breaks=()):
     """Per-token labels of a minimal edit: (labels of original, labels of edited), one int
     per token: original in {-1, 0} (-1: the edit deletes or replaces the token: bad), edited
     in {0, +1} (+1: the edit inserted it: good); 0 for the kept tokens.
@@ -59,7 +59,7 @@ def token_labels(original, edited, mark_insertions=False, breaks=()):
     original and of edited: '=' moves both on, '-' labels original[i] and moves i, '+'
     labels edited[j] and moves j.
 
-    mark_insertions (the bad_vs_rest scheme): an omission must have a token to blame. For
+    mark_omissions (the bad_vs_rest scheme): an omission must have a token to blame. For
     each run of '+' that does not directly follow a '-' (a replacement's tokens are already
     -1), also label -1 the original token where the answer left the inserted text out:
     after the run ends at s[t] (started at s[start]), slide past the '=' ops that repeat the

@@ -153,14 +153,14 @@ def test_help_lists_every_field_by_section_with_default_and_comment():
 def test_prepare_out_passes_new_keys_and_settings_of_methods_not_run(tmp_path):
     """A folder's config.json without a key that was added since passes, as do new tuned
     settings of methods with no run in the folder; a changed value, or a changed setting of a
-    method that has a run there (ppo/<method>_seed*), is refused."""
+    method that has a run there (policies/<method>_seed*), is refused."""
     out = str(tmp_path)
-    os.makedirs(os.path.join(out, "ppo"))
-    open(os.path.join(out, "ppo", "ppo_seed1.pt"), "w").close()
-    old = {"beta": 0.05, "ppo_by_method": {"ppo": {"lam": 1.0}}}
+    os.makedirs(os.path.join(out, "policies"))
+    open(os.path.join(out, "policies", "ppo_seed1.pt"), "w").close()
+    old = {"beta": 0.05, "settings_by_method": {"ppo": {"lam": 1.0}}}
     config.data.write_json(old, os.path.join(out, "config.json"))
-    config.prepare_out(out, {**old, "rloo_k": 4, "ppo_by_method": {"ppo": {"lam": 1.0}, "rloo": {"lam": 0.9}}}, False)
-    for changed in ({"beta": 0.1}, {"ppo_by_method": {"ppo": {"lam": 0.95}}}, {"ppo_by_method": {}}):
+    config.prepare_out(out, {**old, "rloo_k": 4, "settings_by_method": {"ppo": {"lam": 1.0}, "rloo": {"lam": 0.9}}}, False)
+    for changed in ({"beta": 0.1}, {"settings_by_method": {"ppo": {"lam": 0.95}}}, {"settings_by_method": {}}):
         config.data.write_json(old, os.path.join(out, "config.json"))
         with pytest.raises(SystemExit, match=next(iter(changed))):
             config.prepare_out(out, {**old, **changed}, False)

@@ -511,7 +511,7 @@ def test_annotator_noise_changes_only_the_edits(monkeypatch):
     class FakeChat:  # SFT samples: noisy corpus answers, the same stream on every call
         def sample(self, model, prompts, gen):
             return [data.noisy_response(p, self.rng) for p in prompts]
-    monkeypatch.setattr(world, "load_gpt", lambda path, device: None)
+    monkeypatch.setattr(world.GPT, "from_checkpoint", lambda path, device: None)
     out = []
     for p_miss in (0.0, 0.3):
         chat = FakeChat()

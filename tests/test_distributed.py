@@ -1,8 +1,8 @@
-"""Tests for distributed.py and the torchrun path of train.py, on CPU with gloo and 2
+"""Tests for machinery/distributed.py and the torchrun path of train.py, on CPU with gloo and 2
 processes: the DDP gradient of the SFT loss on each rank's slice equals the one-process
-gradient of the whole batch; whitening and statistics over all ranks equal those of the
-concatenated batch; `torchrun --nproc_per_node=2 train.py` runs the small pipeline end to
-end, writes the same files as one process, and its SFT weights match one process's."""
+gradient of the whole batch; PPO's warm-up and update through DDP keep the ranks identical;
+`torchrun --nproc_per_node=2 train.py` runs the small pipeline end to end, writes the same
+files as one process, and its SFT weights match one process's."""
 import json
 import os
 import socket
@@ -14,9 +14,10 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed as dist  # noqa: E402
+from machinery import distributed as dist  # noqa: E402
+from machinery.batching import ByLength  # noqa: E402
 import ppo  # noqa: E402
-import train  # noqa: E402
+import sft  # noqa: E402
 from conftest import tiny  # noqa: E402
 from test_train import ENV, ROOT, SMALL, ok  # noqa: E402
 
@@ -56,9 +57,9 @@ def sft_grads(rank, port, path):
     join(rank, port)
     model, batch = tiny(), sft_batch()
     model.train()
-    n_targets = sum(t != -1 for _, y in batch for t in y) / dist.world_size  # as train.stage_sft
+    n_targets = sum(t != -1 for _, y in batch for t in y) / dist.world_size  # as sft.stage_sft
     ddp_model = dist.wrap(model)  # held until after backward: its hooks do the all-reduce
-    loss, _, _ = train.sft_loss(ddp_model, dist.shard(batch), 0, "cpu", n_targets=n_targets)
+    loss, _, _ = sft.sft_loss(ddp_model, dist.shard(batch), 0, "cpu", n_targets=n_targets)
     loss.backward()
     if dist.master:
         torch.save({k: p.grad for k, p in model.named_parameters()}, path)
@@ -71,38 +72,52 @@ def test_ddp_sft_gradient_equals_one_process_gradient(tmp_path):
     spawn(sft_grads, path)
     model = tiny()
     model.train()
-    loss, _, _ = train.sft_loss(model, sft_batch(), 0, "cpu")
+    loss, _, _ = sft.sft_loss(model, sft_batch(), 0, "cpu")
     loss.backward()
     ddp = torch.load(path)
     for k, p in model.named_parameters():
         torch.testing.assert_close(ddp[k], p.grad, rtol=1e-5, atol=1e-7)
 
 
-def statistics(rank, port, x, mask, path):
+def ppo_steps(rank, port, path):
+    """As train.stage_rl under torchrun: each rank its own prompts and sampling stream, the
+    critic's warm-up and one update through DDP(ByLength(agent)); saves the weights."""
     join(rank, port)
-    mine = dist.shard(list(range(x.size(0))))  # this rank's rows
-    xs, ms = x[mine], mask[mine]
-    out = {"whiten": ppo.whiten(xs, ms), "mean": dist.mean(xs[ms.bool()]), "var": dist.var(xs[ms.bool()]),
-           "masked_mean": ppo.masked_mean(xs, ms, all_ranks=True), "average": dist.average({"a": float(rank)})}
-    torch.save(out, f"{path}.{rank}")
+    agent = ppo.ActorCritic(tiny(0)).train(False)  # the same initial weights on every rank
+    ref = ppo.ActorCritic(tiny(0), critic=False).requires_grad_(False)
+    net = dist.wrap(ByLength(agent), find_unused=True)
+    cfg = dist.share(ppo.PPOConfig(rollout_batch=8, minibatch=4, ppo_lr=1e-3, vf_lr=1e-3), "minibatch")
+    g = torch.Generator().manual_seed(dist.rank_seed(0))
+    prompts = [torch.randint(2, 50, (3 + i % 4,), generator=g).tolist() for i in range(4)]  # this rank's share
+    b = ppo.rollout(agent, net, ByLength(ref), lambda i, r, m: m.float(), prompts, dist.rank_generator(g), cfg,
+                    1, 0, 6)
+    rewards = ppo.kl_penalty_rewards(b["logp"], b["ref_logp"], b["resp_mask"], cfg.beta) + b["task_rewards"]
+    advantages, b["returns"] = ppo.compute_gae(rewards, b["values"], b["resp_mask"], cfg.gamma, cfg.lam)
+    b["advantages"] = ppo.whiten(advantages, b["resp_mask"])
+    opt = ppo.make_optimizer(agent, cfg)
+    policy_before = {k: v.clone() for k, v in agent.policy.state_dict().items()}
+    ppo.warm_up_critic(net, opt, b, cfg, torch.Generator().manual_seed(0))
+    warmed = {k: v.clone() for k, v in agent.state_dict().items()}
+    ppo.update(net, opt, b, cfg, torch.Generator().manual_seed(0))
+    torch.save({"policy_before": policy_before, "warmed": warmed, "updated": agent.state_dict(),
+                "tokens": b["idx"]}, f"{path}.{rank}")
 
 
-def test_whitening_over_ranks_equals_whitening_of_the_concatenated_batch(tmp_path):
-    """whiten() with all-reduced sums on each rank's rows, concatenated, equals whiten() of
-    all rows in one process; so do the mean and variance of the logged statistics."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 9, generator=g) * 3 + 1
-    mask = (torch.rand(6, 9, generator=g) < 0.6).float()
-    mask[0] = 0.0  # a row with no valid token
-    path = str(tmp_path / "stats")
-    spawn(statistics, x, mask, path)
+def test_ppo_under_ddp_keeps_the_ranks_identical(tmp_path):
+    """Two ranks sample different responses, yet after the critic's warm-up (the policy left
+    out of the graph: DDP's find_unused) and a PPO update through DDP their weights are equal,
+    the warm-up has left the policy unchanged and moved the critic, and the update the policy."""
+    path = str(tmp_path / "ppo")
+    spawn(ppo_steps, path)
     r = [torch.load(f"{path}.{k}") for k in range(WORLD)]
-    torch.testing.assert_close(torch.cat([s["whiten"] for s in r]), ppo.whiten(x, mask))
-    for s in r:
-        torch.testing.assert_close(s["mean"], x[mask.bool()].mean())
-        torch.testing.assert_close(s["var"], x[mask.bool()].var())
-        torch.testing.assert_close(s["masked_mean"], ppo.masked_mean(x, mask))
-        assert s["average"] == {"a": 0.5}
+    assert not torch.equal(r[0]["tokens"], r[1]["tokens"])  # each rank its own data
+    for k in r[0]["updated"]:
+        torch.testing.assert_close(r[0]["warmed"][k], r[1]["warmed"][k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(r[0]["updated"][k], r[1]["updated"][k], rtol=0, atol=1e-6, msg=k)
+    for k, v in r[0]["policy_before"].items():
+        assert torch.equal(r[0]["warmed"][f"policy.{k}"], v), k
+    assert any(not torch.equal(r[0]["warmed"][f"policy.{k}"], r[0]["updated"][f"policy.{k}"]) for k in r[0]["policy_before"])
+    assert not torch.equal(r[0]["warmed"]["critic.head.weight"], torch.zeros_like(r[0]["warmed"]["critic.head.weight"]))
 
 
 def files(out):
@@ -134,7 +149,7 @@ def test_torchrun_pipeline_writes_the_same_files_as_one_process(runs):
     assert [r["processes"]["world_size"] for r in res] == [1, WORLD]
     assert res[1]["processes"]["jobs"] == 1
     assert set(res[0]["methods"]) == set(res[1]["methods"])
-    log = torch.load(os.path.join(two, "ppo", "fg_ppo_seed1337.pt"), weights_only=True)["log"]
+    log = torch.load(os.path.join(two, "policies", "fg_ppo_seed1337.pt"), weights_only=True)["log"]
     assert len(log) == 4 and all(r["length"] > 0 for r in log)
 
 

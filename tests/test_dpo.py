@@ -2,6 +2,7 @@
 run by tests/test_exercises.py): the implicit reward
 beta * log(pi / pi_ref) against a loop over a toy model's softmax, the shared prefix of a
 minimal-edit pair contributing exactly zero gradient, and a short training run."""
+import functools
 import math
 import os
 import random
@@ -16,7 +17,7 @@ from conftest import tiny  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
 import tokenizer as tok  # noqa: E402
-from model import GPT, token_logprobs  # noqa: E402
+from model import token_logprobs  # noqa: E402
 
 PROMPT = "Tell me about the cow."
 REJECTED = "The cow is brown. The cow eats fish. The cow says moo."
@@ -41,7 +42,7 @@ def test_implicit_reward_is_beta_log_ratio_on_a_toy_model():
     resp = torch.zeros_like(real)
     resp[0, 4:], resp[1, 3:] = True, True  # the responses: 7 8 9 and 10 11 12 13
     with torch.no_grad():
-        lp, lr = pi(idx, mask=real)[0], ref(idx, mask=real)[0]
+        lp, lr = pi(idx, real=real)[0], ref(idx, real=real)[0]
         got = dpo.implicit_reward(dpo.sequence_logprobs(token_logprobs(lp, idx), resp),
                                   dpo.sequence_logprobs(token_logprobs(lr, idx), resp), 0.3)
     for b in range(2):
@@ -97,7 +98,7 @@ def test_dpo_edits_gradient_is_that_of_the_tokens_from_the_first_difference(chat
             resp = chat.response_mask(idx, real)
             if from_first_difference:  # drop the first d response tokens of each row
                 resp = resp & (resp.cumsum(1) > d)
-            out.append(dpo.sequence_logprobs(token_logprobs(model(idx, mask=real)[0], idx), resp))
+            out.append(dpo.sequence_logprobs(token_logprobs(model(idx, real=real)[0], idx), resp))
         (lw, ll), (rw, rl) = out[0], out[1].detach()
         loss, stats = dpo.dpo_loss(lw[None], ll[None], rw[None], rl[None], beta=0.5)
         loss.backward()
@@ -110,7 +111,7 @@ def test_dpo_edits_gradient_is_that_of_the_tokens_from_the_first_difference(chat
     assert any(a.abs().sum() > 0 for a in g_full)
 
 
-def _train(chat, path, steps=16):
+def _train(chat, steps=16):
     pairs = [{"prompt": PROMPT, "chosen": EDITED, "edited": EDITED, "rejected": REJECTED},
              {"prompt": "What does the cow eat?", "chosen": "The cow eats grass.", "edited": "The cow eats grass.",
               "rejected": "The cow eats fish."}]
@@ -122,24 +123,20 @@ def _train(chat, path, steps=16):
         points.append(step)
         return {"step": step}
     torch.manual_seed(0)
-    state = dpo.train(policy, ref.requires_grad_(False), chat, pairs, "edited", cfg, steps, 0, str(path), "dpo test",
-                      curve_point, "cpu")
+    state = dpo.train(policy, functools.partial(dpo.token_logps, ref.requires_grad_(False)), chat, pairs, "edited",
+                      cfg, steps, 0, "dpo test", curve_point, "cpu")
     return policy, state, points
 
 
-def test_train_raises_the_margin_saves_and_is_deterministic(chat, tmp_path):
+def test_train_raises_the_margin_and_is_deterministic(chat):
     """A short DPO run lowers the loss from log 2, takes its curve points at 0 and every
-    steps // 8 steps, saves the policy GPT under "gpt." as PPO does, and repeats bit for bit."""
-    policy, state, points = _train(chat, tmp_path / "a.pt")
+    steps // 8 steps, and repeats bit for bit."""
+    policy, state, points = _train(chat)
     log = state["log"]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and log[-1]["loss"] < 0.5 * math.log(2)
     assert log[-1]["reward_acc"] == 1.0 and log[-1]["margin"] > 0
     assert points == [0, 2, 4, 6, 8, 10, 12, 14, 16] and state["iter"] == 16
-    ck = torch.load(tmp_path / "a.pt", weights_only=True)
-    gpt = GPT(policy.config)
-    gpt.load_state_dict({k.removeprefix("gpt."): v for k, v in ck["policy"].items()})
-    assert all(torch.equal(a, b) for a, b in zip(gpt.state_dict().values(), policy.state_dict().values()))
-    again, state2, _ = _train(chat, tmp_path / "b.pt")
+    again, state2, _ = _train(chat)
     assert [{k: v for k, v in r.items() if not k.startswith("t_")} for r in state2["log"]] == \
            [{k: v for k, v in r.items() if not k.startswith("t_")} for r in log]
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), policy.state_dict().values()))

@@ -1,6 +1,5 @@
 """Tests for evaluation.py: the bootstrap CI, precision/recall/F1 and Spearman on hand-computed
-cases and against oracles; the labs' figures from hand-made run folders."""
-import json
+cases and against oracles."""
 import math
 import os
 import sys
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluation  # noqa: E402
 from evaluation import bootstrap_ci, prf, spearman  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -86,88 +84,3 @@ def test_spearman_matches_scipy():
     x = rng.integers(0, 5, 30).astype(float)
     y = 0.5 * x + rng.normal(size=30).round(0)
     assert spearman(x.tolist(), y.tolist()) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-
-
-# -----------------------------------------------------------------------------
-# The labs' figures, from hand-made run folders (a sweep of two points)
-
-
-def fake_run(d, p_miss, gain):
-    """A finished run folder as train.py leaves it, with only what the labs read: config.json,
-    eval/refs.json (K=2 SFT samples of 3 prompts), two seeds of PPO checkpoints, results.json."""
-    os.makedirs(os.path.join(d, "eval"))
-    os.makedirs(os.path.join(d, "ppo"))
-    json.dump({"n_curve": 2}, open(os.path.join(d, "config.json"), "w"))
-    # the first n_curve=2 prompts' SFT scores: 1, 3, 1, 3 -> mean 2, std 2/sqrt(3); the third prompt is not read
-    json.dump({"ref_scores": [[1, 3, 50], [1, 3, -50]]}, open(os.path.join(d, "eval", "refs.json"), "w"))
-    for m in ("ppo", "fg_ppo"):
-        for s in (1, 2):
-            log = [{"iter": i, "reward": 0.1 * i * s} for i in range(1, 3 + s)]  # seed 1 stopped after 3 iterations
-            curve = [{"iter": i, "judge_score": 2 + i} for i in range(0, 3 + s, 2)]
-            torch.save({"log": log, "curve": curve}, os.path.join(d, "ppo", f"{m}_seed{s}.pt"))
-    rms = {f"seed{s}": {"token": {"fact_flip_acc": 0.9 - p_miss}, "seq": {"fact_flip_acc": 0.6}} for s in (1, 2)}
-    json.dump({"seeds": [1, 2], "fg_ppo_minus_ppo": {"win_rate": gain, "ci95": [gain - 0.02, gain + 0.02]},
-               "reward_models": rms}, open(os.path.join(d, "results.json"), "w"))
-
-
-def test_proxy_and_gold_standardise_on_the_curves_sft_samples(tmp_path):
-    """proxy is the log's reward per seed; gold is the curve's judge score minus the mean, over the std
-    of the SFT samples of the first n_curve evaluation prompts; seeds are cut to the shortest."""
-    fake_run(tmp_path / "run", 0.0, 0.05)
-    c = evaluation.proxy_and_gold(str(tmp_path / "run"))
-    assert set(c) == {"ppo", "fg_ppo"}
-    assert c["ppo"]["iter"] == [1, 2, 3] and c["ppo"]["curve_iter"] == [0, 2]
-    np.testing.assert_allclose(c["ppo"]["proxy"], [[0.1, 0.2, 0.3], [0.2, 0.4, 0.6]])
-    np.testing.assert_allclose(c["fg_ppo"]["gold"], [[0, 2 / (2 / math.sqrt(3))]] * 2)  # (2 + i - 2) / std
-
-
-def test_lab_figures_from_a_sweep_folder(tmp_path):
-    """Both labs' commands write their figure from a sweep folder (its sweep.json names the points)."""
-    names = ["p_annotator_miss=0.3", "p_annotator_miss=0"]  # out of order: the plot sorts by p
-    for n, p, g in zip(names, (0.3, 0.0), (0.01, 0.06)):
-        fake_run(tmp_path / n, p, g)
-    json.dump({"points": names}, open(tmp_path / "sweep.json", "w"))
-    assert list(evaluation.run_points(str(tmp_path))) == names
-    for lab, plot in evaluation.LABS.items():
-        plot(str(tmp_path / f"{lab}.png"), str(tmp_path))
-        assert (tmp_path / f"{lab}.png").stat().st_size > 1000
-
-
-def fake_frontier_point(d, method, kl, wins, refs="same prompts"):
-    """A finished run folder with what evaluation.frontier reads: results.json (seeds, a
-    method's KL), eval/refs.json and each seed's final evaluation (wins per prompt)."""
-    os.makedirs(os.path.join(d, "eval"))
-    os.makedirs(os.path.join(d, "ppo"))
-    open(os.path.join(d, "eval", "refs.json"), "w").write(refs)
-    json.dump({"seeds": sorted(wins), "methods": {"sft": {}, method: {"kl": kl}}}, open(os.path.join(d, "results.json"), "w"))
-    for s, w in wins.items():
-        rates = {"mean_length": 30.0 + s, "wrong": 0.1 * s, "missing": 0.05}
-        log = [{"kl": kl + 1.0}] * 3 + [{"kl": kl}] * 5  # the last 5 rows are the KL
-        json.dump({"wins": w, "rates": rates, "log": log}, open(os.path.join(d, "ppo", f"{method}_seed{s}.eval.json"), "w"))
-
-
-def test_frontier_pairs_only_points_at_matched_kl(tmp_path):
-    """Points of different methods within kl_tol are paired prompt by prompt over the seeds
-    both ran (hand-computed mean); a far-apart or same-method pair is not; folders with
-    different evaluation sets are refused."""
-    fake_frontier_point(tmp_path / "a", "ppo", 0.80, {1: [1, 0, 1, 1], 2: [0, 0, 1, 1]})
-    fake_frontier_point(tmp_path / "b", "fg_ppo", 0.75, {1: [1, 1, 1, 1], 2: [0, 1, 1, 1], 3: [0, 0, 0, 0]})
-    fake_frontier_point(tmp_path / "c", "fg_ppo", 1.20, {1: [0, 0, 0, 0]})
-    lines = evaluation.frontier(str(tmp_path / "f.png"), [str(tmp_path / n) for n in "abc"], kl_tol=0.1)
-    pairs = [x for x in lines if x.startswith("- ")]
-    assert len(pairs) == 1 and "fg_ppo b/b (KL 0.75) - ppo a/a (KL 0.80)" in pairs[0]
-    assert "+0.250" in pairs[0] and "2 seeds" in pairs[0]  # (1 + 1) / 8 over seeds 1 and 2
-    assert (tmp_path / "f.png").stat().st_size > 1000
-    fake_frontier_point(tmp_path / "d", "ppo", 0.7, {1: [1, 1, 1, 1]}, refs="other prompts")
-    with pytest.raises(SystemExit, match="evaluation set"):
-        evaluation.frontier(str(tmp_path / "g.png"), [str(tmp_path / "a"), str(tmp_path / "d")])
-
-
-def test_compare_two_runs_over_their_shared_seeds(tmp_path):
-    """compare: both runs' numbers over the seeds both ran, and a - b paired by prompt."""
-    fake_frontier_point(tmp_path / "a", "fg_ppo", 0.75, {1: [1, 1, 1, 1], 2: [0, 1, 1, 1], 3: [0, 0, 0, 0]})
-    fake_frontier_point(tmp_path / "b", "fg_ppo", 0.5, {1: [1, 0, 1, 1], 2: [0, 0, 1, 1]})
-    lines = evaluation.compare(f"{tmp_path / 'a'}:fg_ppo", f"{tmp_path / 'b'}:fg_ppo")
-    assert "| 0.875 [" in lines[2] and lines[2].endswith("| 0.75 | 31.5 | 0.150 | 0.050 |")  # seeds 1, 2 only
-    assert "| 0.625 [" in lines[3] and "| 0.50 |" in lines[3]
-    assert ": +0.250 [" in lines[-1] and lines[-1].endswith("(paired, seeds 1, 2)")

@@ -14,7 +14,7 @@ from conftest import tiny  # noqa: E402
 import data  # noqa: E402
 import reward  # noqa: E402
 import tokenizer as tok  # noqa: E402
-import train  # noqa: E402
+import sft  # noqa: E402
 
 PROMPT = "What does the cow eat?"
 WRONG, RIGHT = "The cow eats fish.", "The cow eats grass."  # the KB says grass: " fish" is the error
@@ -63,7 +63,7 @@ def test_batch_and_response_mask(chat):
 
 def test_sft_targets_are_the_next_token(chat):
     """SFT: targets[t] = ids[t+1] on the response (the logit at t scores token t+1), -1 elsewhere."""
-    ids, tgt = train.sft_example(chat, PROMPT, WRONG)
+    ids, tgt = sft.sft_example(chat, PROMPT, WRONG)
     p, r = chat.prompt(PROMPT), chat.response(WRONG)
     assert ids == p + r and len(tgt) == len(ids)
     scored = [t for t, y in enumerate(tgt) if y != -1]
@@ -164,7 +164,7 @@ def test_dense_oracle_sums_to_the_judge_score(chat):
             ids = ids[:-1] + torch.randint(0, 300, (rng.randint(1, 8),), generator=g).tolist() + [chat.eot]
         prompts.append(p), responses.append(ids)
     for p, ids in zip(prompts, responses):
-        r = reward.judge_token_rewards(chat.enc, p, ids)
+        r = data.judge_token_rewards(chat.enc, p, ids)
         assert len(r) == len(ids)
         assert sum(r) == data.score(p, tok.decode_response(chat.enc, ids))
 
@@ -174,7 +174,7 @@ def test_oracle_fg_normalised_on_samples(chat):
     and std 1, the same normalisation as oracle_ppo (the same sums), and the centre is paid
     once, on the eot: every other response token keeps its raw reward / scale."""
     samples = samples_for_norm()
-    fn = reward.reward_fn("oracle_fg", "unused", chat, samples, reward.RMConfig(), "cpu")
+    fn = reward.reward_fn("oracle_fg", "unused", chat, samples, "cpu")
     idx, real = chat.batch(samples["prompts"], samples["responses"])
     resp = chat.response_mask(idx, real)
     r = fn(idx, real, resp)
@@ -185,7 +185,7 @@ def test_oracle_fg_normalised_on_samples(chat):
     s = raw.sum(1).std()
     torch.testing.assert_close(r[:, :-1], raw[:, :-1] / s, atol=1e-6, rtol=0)  # left padding: the eot is last
     assert (r[~resp] == 0).all()
-    final = reward.reward_fn("oracle_ppo", "unused", chat, samples, reward.RMConfig(), "cpu")
+    final = reward.reward_fn("oracle_ppo", "unused", chat, samples, "cpu")
     torch.testing.assert_close(final(idx, real, resp).sum(1), sums, atol=1e-5, rtol=0)
 
 
@@ -193,7 +193,7 @@ def test_oracle_ppo_reward_sits_on_the_eot_standardised(chat):
     """reward_fn("oracle_ppo"): one number per response, on its eot column, equal to the gold
     judge's score standardised over the samples."""
     samples = samples_for_norm()
-    fn = reward.reward_fn("oracle_ppo", "unused", chat, samples, reward.RMConfig(), "cpu")
+    fn = reward.reward_fn("oracle_ppo", "unused", chat, samples, "cpu")
     idx, real = chat.batch(samples["prompts"], samples["responses"])
     resp = chat.response_mask(idx, real)
     r = fn(idx, real, resp)
@@ -213,22 +213,22 @@ def _grads(model):
 
 
 def test_sft_micro_batches_give_the_padded_batch_gradient(chat):
-    """train.sft_loss: summed losses of length-cut micro-batches over the batch's target
+    """sft.sft_loss: summed losses of length-cut micro-batches over the batch's target
     count have the value and gradient of the mean loss of the whole batch padded at once,
     with fewer padded positions."""
     rng = random.Random(0)
     prompts = [data.sample_prompt(rng) for _ in range(12)]
-    batch = [train.sft_example(chat, p, data.noisy_response(p, rng)) for p in prompts]
+    batch = [sft.sft_example(chat, p, data.noisy_response(p, rng)) for p in prompts]
     model = tiny(vocab_size=chat.enc.n_vocab, block_size=160)
     idx, real = tok.pad_left([x for x, _ in batch], chat.pad)
     tgt, _ = tok.pad_left([y for _, y in batch], -1)
     model.zero_grad()
-    whole = model(idx, tgt, mask=real)[1]
+    whole = model(idx, tgt, real=real)[1]
     whole.backward()
     expected = _grads(model)
     assert len(tok.split_by_length([len(x) for x, _ in batch])) > 1  # long and short answers: the cut happens
     model.zero_grad()
-    loss, real_tokens, padded = train.sft_loss(model, batch, chat.pad, "cpu")
+    loss, real_tokens, padded = sft.sft_loss(model, batch, chat.pad, "cpu")
     loss.backward()
     assert real_tokens == sum(len(x) for x, _ in batch) and padded < (~real).sum().item()
     torch.testing.assert_close(loss, whole, atol=1e-6, rtol=1e-6)

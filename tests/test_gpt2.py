@@ -108,7 +108,7 @@ def test_kv_cache_and_padding_equal_transformers(ckpt):
         steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(30)]  # (2, 1, V + 3) each
         padded = torch.cat([torch.full((2, 5), V + 2), idx], 1)  # 5 pad tokens in front
         mask = torch.cat([torch.zeros(2, 5, dtype=torch.bool), torch.ones(2, 30, dtype=torch.bool)], 1)
-        left = model(padded, mask=mask)[0][:, 5:]
+        left = model(padded, real=mask)[0][:, 5:]
     torch.testing.assert_close(torch.cat(steps, 1)[..., :V], ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(left[..., :V], ref, atol=1e-5, rtol=0)
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny  # noqa: E402
-from model import GPT, GPTConfig, KVCache, by_length, pad_first, token_logprobs  # noqa: E402
+from machinery.batching import by_length  # noqa: E402
+from model import GPT, GPTConfig, KVCache, token_logprobs  # noqa: E402
+from tokenizer import pad_first  # noqa: E402
 
 PAD, EOT = 0, 1
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20]]  # no PAD inside
@@ -69,12 +71,12 @@ def test_cache_logits_match_full_recompute():
     P = max(map(len, PROMPTS))
     cache = KVCache(model.config, B, T, "cpu")
     with torch.no_grad():
-        logits, _ = model(idx[:, :P], mask=real[:, :P], cache=cache)
-        full, _ = model(idx[:, :P], mask=real[:, :P])
+        logits, _ = model(idx[:, :P], real=real[:, :P], cache=cache)
+        full, _ = model(idx[:, :P], real=real[:, :P])
         torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
         for j in range(P, T):
-            step, _ = model(idx[:, j:j + 1], mask=real[:, j:j + 1], cache=cache)
-            full, _ = model(idx[:, :j + 1], mask=real[:, :j + 1])
+            step, _ = model(idx[:, j:j + 1], real=real[:, j:j + 1], cache=cache)
+            full, _ = model(idx[:, :j + 1], real=real[:, :j + 1])
             torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
     assert cache.t == T
 
@@ -111,7 +113,7 @@ def test_padding_invariance():
     """Logits of a left-padded row at its real positions equal those of the sequence alone."""
     model = tiny()
     idx, mask = left_pad(PROMPTS)
-    logits, _ = model(idx, mask=mask)
+    logits, _ = model(idx, real=mask)
     P = idx.size(1)
     for i, p in enumerate(PROMPTS):
         alone, _ = model(torch.tensor([p]))
@@ -123,8 +125,8 @@ def test_padding_token_values_irrelevant():
     model = tiny()
     idx, mask = left_pad(PROMPTS)
     idx2 = torch.where(mask, idx, torch.randint(2, 50, idx.shape, generator=torch.Generator().manual_seed(1)))
-    a, _ = model(idx, mask=mask)
-    b, _ = model(idx2, mask=mask)
+    a, _ = model(idx, real=mask)
+    b, _ = model(idx2, real=mask)
     torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=0)
 
 
@@ -156,8 +158,8 @@ def test_by_length_equals_the_whole_batch_values_and_gradients():
 
     def logits(i, r):
         calls.append(i.size(1))
-        return model(i, mask=r)[0]
-    whole = model(idx, mask=mask)[0]
+        return model(i, real=r)[0]
+    whole = model(idx, real=mask)[0]
     parts = by_length(logits, idx, mask)
     assert len(calls) > 1 and max(calls) == idx.size(1) and min(calls) < idx.size(1)
     torch.testing.assert_close(parts[mask], whole[mask], atol=1e-5, rtol=0)
@@ -167,7 +169,7 @@ def test_by_length_equals_the_whole_batch_values_and_gradients():
         model.zero_grad()
         (out[mask] ** 2).mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-        whole = model(idx, mask=mask)[0]  # a fresh graph for the second loss
+        whole = model(idx, real=mask)[0]  # a fresh graph for the second loss
         parts = by_length(logits, idx, mask)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -200,10 +202,10 @@ def test_save_load_roundtrip(tmp_path):
     torch.save(model.state_dict(), path)
     fresh = tiny(seed=99)
     idx, mask = left_pad(PROMPTS)
-    assert not torch.equal(fresh(idx, mask=mask)[0], model(idx, mask=mask)[0])
+    assert not torch.equal(fresh(idx, real=mask)[0], model(idx, real=mask)[0])
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()  # still tied
-    assert torch.equal(fresh(idx, mask=mask)[0], model(idx, mask=mask)[0])
+    assert torch.equal(fresh(idx, real=mask)[0], model(idx, real=mask)[0])
 
 
 def test_sampling_logprobs_and_eot():
@@ -216,7 +218,7 @@ def test_sampling_logprobs_and_eot():
     idx, resp_mask, logprobs = out
     real = (idx != PAD) | resp_mask
     with torch.no_grad():
-        ref = token_logprobs(model(idx, mask=real)[0], idx, temp)
+        ref = token_logprobs(model(idx, real=real)[0], idx, temp)
     torch.testing.assert_close(logprobs[resp_mask], ref[resp_mask], atol=1e-5, rtol=0)
     assert logprobs[~resp_mask].eq(0).all()
     assert (logprobs[resp_mask] < 0).all()
@@ -251,7 +253,7 @@ def test_top_k_logprobs():
                                               generator=torch.Generator().manual_seed(0))
     real = (idx != PAD) | resp_mask
     with torch.no_grad():
-        logits = model(idx, mask=real)[0][:, :-1].float() / temp
+        logits = model(idx, real=real)[0][:, :-1].float() / temp
     topv, topi = logits.topk(k, dim=-1)
     masked = torch.full_like(logits, -float("inf")).scatter(-1, topi, topv)
     ref = F.pad(F.log_softmax(masked, -1).gather(-1, idx[:, 1:, None]).squeeze(-1), (1, 0))

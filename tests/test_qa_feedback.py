@@ -30,7 +30,7 @@ def items():
     return [
         # "C d." is irrelevant; the diff deletes " C d." (slid to end on the ".")
         item("A b. C d. E f.", "A b. E f.", [("Irrelevant", 5, 9)], preference=(2, 1, 1, 0, 0, 0)),
-        # an omission at the end: nothing bad in the text, the insertion point is <|endoftext|>
+        # an omission at the end: nothing bad in the text, the omission mark is on <|endoftext|>
         item("X y.", "X y. Z w.", missing=[1]),
         # "red" -> "blue": r and d are replaced, the shared e is kept; 3 beats 2 beats 1
         item("The sky is red.", "The sky is blue.", [("Wrong-Grounding", 11, 14)], preference=(2, 2, 0, 2, 0, 0)),

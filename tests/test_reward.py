@@ -202,3 +202,17 @@ def test_seq_rm_training_lowers_bt_loss():
     losses = _train(rm, lambda: bt_loss(rm(chosen, cm), rm(rejected, rj)))
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_load_rm_reads_the_class_from_the_checkpoint(tmp_path):
+    """load_rm builds the class the checkpoint holds, whatever the file is called: a token RM
+    saved as seq.pt comes back a TokenRM of its scheme, a sequence RM saved as token.pt a SeqRM."""
+    from reward import load_rm, save_rm
+    for rm, name in ((TokenRM(tiny(0), "paper"), "seq.pt"), (SeqRM(tiny(0)), "token.pt")):
+        _randomise_head(rm.head)
+        save_rm(rm, {"center": 0.5, "scale": 2.0}, str(tmp_path / name))
+        back, norm = load_rm(str(tmp_path / name), "cpu")
+        assert type(back) is type(rm) and norm == {"center": 0.5, "scale": 2.0}
+        assert getattr(back, "scheme", None) == getattr(rm, "scheme", None)
+        for k, v in rm.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k

@@ -118,7 +118,7 @@ def test_end_to_end_outputs_and_schema(ref):
     assert all(isinstance(v, float) for v in res["timing_s"]["stages"].values())
     for m in METHODS:  # where each PPO run spent its time
         split = res["timing_s"]["ppo_parts"][m]
-        assert set(split) == {"sample", "policy", "ref", "reward", "update", "curve", "critic_warmup", "final_eval"}
+        assert set(split) == {"rollout", "update", "curve", "critic_warmup", "final_eval"}
         assert all(v > 0 for v in split.values()), split
 
 
@@ -136,9 +136,9 @@ def test_rloo_and_dpo_run_end_to_end(tmp_path):
         assert r["explained_var"] is None and isinstance(r["kl_eval"], float) and 0 <= r["win_rate"] <= 1
     assert res["methods"]["dpo"]["kl"] == res["methods"]["dpo"]["kl_eval"]
     assert not os.path.exists(os.path.join(out, "rm", f"seed{SEED}", "seq_edits.pt"))  # no method needs it
-    curve = json.load(open(os.path.join(out, "ppo", f"dpo_seed{SEED}.eval.json")))["curve"]
+    curve = json.load(open(os.path.join(out, "policies", f"dpo_seed{SEED}.eval.json")))["curve"]
     assert [p["step"] for p in curve] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
-    log = json.load(open(os.path.join(out, "ppo", f"rloo_fg_seed{SEED}.eval.json")))["log"]
+    log = json.load(open(os.path.join(out, "policies", f"rloo_fg_seed{SEED}.eval.json")))["log"]
     assert [row["iter"] for row in log] == [1, 2, 3, 4] and "v_loss" not in log[0]
     md = open(os.path.join(out, "results.md")).read()
     assert all(f"| {m} |" in md for m in methods) and "dpo_edits - dpo win rate" in md
@@ -160,6 +160,17 @@ def test_sweep_runs_every_point_and_picks_each_methods_best(ref, tmp_path):
     assert "sweep: best point per method" in p.stdout and os.path.isfile(os.path.join(out, "sweep.md"))
     assert results(os.path.join(out, names[1]))["config"]["ppo_epochs"] == 1
     assert comparable(results(os.path.join(out, names[0]))) == comparable(results(ref[0]))
+
+
+def test_sweep_over_n_pairs_gives_each_point_its_own_preference_data(tmp_path):
+    """--sweep=n_pairs:...: each point annotates its own n_pairs pairs and trains its own reward
+    models (n_pairs shapes the preference data: they are not copied from the first point)."""
+    out = str(tmp_path / "pairs")
+    p = ok(run(out, "--sweep=n_pairs:12,20", "--methods=ppo", "--ppo_iters=1", timeout=900))
+    for n in (12, 20):
+        assert len(data.read_jsonl(os.path.join(out, f"n_pairs={n}", "prefs.jsonl"))) == n
+        assert results(os.path.join(out, f"n_pairs={n}"))["config"]["n_pairs"] == n
+    assert p.stdout.count("prefs: ") == 2  # annotated twice, not copied
 
 
 def test_determinism_same_seed_same_results(ref, tmp_path):
@@ -195,7 +206,7 @@ def test_resume_after_stop_after_matches_uninterrupted(ref, tmp_path):
     p = run(out, "--stop_after=2")
     assert p.returncode != 0
     assert "stopped after 2 iterations" in p.stderr and "Traceback" not in p.stderr
-    ck = torch.load(os.path.join(out, "ppo", f"ppo_seed{SEED}.pt"), weights_only=True)
+    ck = torch.load(os.path.join(out, "policies", f"ppo_seed{SEED}.pt"), weights_only=True)
     assert ck["iter"] == 2
     assert not os.path.exists(os.path.join(out, f"ppo/fg_ppo_seed{SEED}.pt"))
     assert not os.path.exists(os.path.join(out, "results.json"))
@@ -300,7 +311,7 @@ def test_no_tmp_files_left_after_a_run(ref):
 def test_save_atomic_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
     """If torch.save dies half-way, save_atomic leaves the previous checkpoint intact."""
     path = str(tmp_path / "sub" / "ck.pt")
-    model.save_atomic({"v": torch.tensor([1.0, 2.0])}, path)  # creates the folder too
+    data.save_atomic({"v": torch.tensor([1.0, 2.0])}, path)  # creates the folder too
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
 
     def broken_save(obj, f, *args, **kwargs):
@@ -310,10 +321,10 @@ def test_save_atomic_keeps_old_file_when_save_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        model.save_atomic({"v": torch.tensor([3.0])}, path)
+        data.save_atomic({"v": torch.tensor([3.0])}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([1.0, 2.0]))
-    model.save_atomic({"v": torch.tensor([3.0])}, path)  # a later save still works
+    data.save_atomic({"v": torch.tensor([3.0])}, path)  # a later save still works
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.tensor([3.0]))
     assert not os.path.exists(path + ".tmp")
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workers import parallel  # noqa: E402
+from machinery.workers import parallel  # noqa: E402
 
 
 def note(log, name):

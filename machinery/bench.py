@@ -1,8 +1,8 @@
 """
 Speed and memory figures, printed as JSON (never asserted in tests: machines are noisy).
 
-    python bench.py                      # model figures at the default config
-    python bench.py --pipeline=tiny      # also the whole pipeline of a preset: per stage, per PPO part
+    python -m machinery.bench                   # model figures at the default config
+    python -m machinery.bench --pipeline=tiny   # also the whole pipeline of a preset: per stage, per PPO part
 
 - matmul_gflops_1_thread / _all_threads: this machine's fp32 matmul peak (2048 x 2048)
 - sft_step_*: one SFT step (forward + backward + AdamW) of the default model on random
@@ -35,8 +35,8 @@ import data
 import tokenizer as tok
 from config import Config
 from model import GPT, GPTConfig
-from train import sft_example, sft_loss
-from workers import processes
+from sft import sft_example, sft_loss
+from machinery.workers import processes
 
 cfg = Config()
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +150,7 @@ for a in sys.argv[1:]:
             t0, peak = time.time(), [{}, {}]  # the moments of the largest resident and proportional sums
             proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=os.path.dirname(os.path.abspath(__file__)))
+                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             while proc.poll() is None:
                 now = memory_mb(proc.pid)
                 peak = [max(peak[i], now, key=lambda sizes: sum(v[i] for v in sizes.values())) for i in (0, 1)]

@@ -17,7 +17,7 @@ import threading
 import torch
 from tqdm import tqdm
 
-import distributed as dist
+from machinery import distributed as dist
 
 
 def processes(cfg, device):

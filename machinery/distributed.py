@@ -8,12 +8,13 @@ RANK, LOCAL_RANK and WORLD_SIZE in the environment; setup() joins them into one 
 group (nccl on CUDA with one GPU per LOCAL_RANK, gloo on CPU). Without torchrun every
 function here is the identity, so `python train.py` computes exactly what it did before.
 
-- Data parallel training: every rank draws the same global batch from the same seeded
-  random state and takes its slice (shard); DistributedDataParallel (wrap) averages the
-  gradients over the ranks during backward; a rank divides its summed loss by
-  global_count(...), so that this average is the one-process gradient of the whole batch.
-- Statistics over every rank's data from all-reduced sums (all_reduce_sum, mean, var,
-  average), so that whitening and logs see the whole batch.
+- Data parallel training: DistributedDataParallel (wrap) averages the gradients over the
+  ranks during backward. SFT (train.py) draws the same global batch on every rank and takes
+  its slice (shard), each rank's summed loss divided by the batch's count / world_size, so
+  that this average is the one-process gradient of the whole batch. The method's own loops
+  (reward models, PPO, DPO) are written for one process: each rank runs them on its share,
+  a config whose batch is divided by world_size (share) and its own random stream
+  (rank_seed, rank_generator), and rank 0 logs its own statistics.
 - Rank 0 (master) writes every file and prints; the others wait at barrier(), then read.
 - A failure on one rank stops all (stop_all_on_error): the rank prints `rank k: message`
   and exits non-zero, and torchrun then stops the other ranks.
@@ -26,6 +27,8 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -120,18 +123,23 @@ def shard(items):
     return items[rank * n // world_size:(rank + 1) * n // world_size]
 
 
-def wrap(model):
+def wrap(model, find_unused=False):
     """The model whose backward averages the gradients over the ranks (DistributedDataParallel);
     model itself in one process. Train through it, and hold it until backward has run (its
-    hooks do the all-reduce); sample and save with model."""
-    return DistributedDataParallel(model) if ddp else model
+    hooks do the all-reduce); sample and save with model. find_unused: a forward may leave
+    some parameters out (PPO's critic warm-up trains the critic alone)."""
+    return DistributedDataParallel(model, find_unused_parameters=find_unused) if ddp else model
 
 
-def global_count(n):
-    """What a rank divides its summed loss by, so that DDP's average of the ranks' gradients
-    is the gradient of the mean over the whole batch: n (this rank's count of terms: tokens,
-    pairs) summed over the ranks and divided by world_size. n itself in one process."""
-    return all_reduce_sum(torch.as_tensor(n, dtype=torch.float)) / world_size if ddp else n
+def share(cfg, field):
+    """cfg with its batch size `field` divided by world_size: what one rank runs of each batch
+    (cfg itself in one process)."""
+    return dataclasses.replace(cfg, **{field: getattr(cfg, field) // world_size}) if ddp else cfg
+
+
+def rank_seed(seed):
+    """This rank's seed for its own batches: seed in one process and on rank 0."""
+    return seed + 7919 * rank
 
 
 def rank_generator(gen):
@@ -145,7 +153,7 @@ def rank_generator(gen):
 
 
 # -----------------------------------------------------------------------------
-# Statistics over every rank's data (no gradient flows through them)
+# Sums over every rank's data (no gradient flows through them)
 
 def all_reduce_sum(x):
     """A tensor summed over the ranks (on every rank); x itself in one process."""
@@ -154,26 +162,3 @@ def all_reduce_sum(x):
     y = x.detach().to(comm_device, copy=True)
     dist.all_reduce(y)
     return y.to(x.device)
-
-
-def mean(x):
-    """The mean of every rank's elements of x together."""
-    if not ddp:
-        return x.mean()
-    return all_reduce_sum(x.sum()) / all_reduce_sum(torch.tensor(x.numel(), device=x.device))
-
-
-def var(x):
-    """The (unbiased) variance of every rank's elements of x together."""
-    if not ddp:
-        return x.var()
-    n = all_reduce_sum(torch.tensor(x.numel(), device=x.device))
-    return all_reduce_sum(((x - all_reduce_sum(x.sum()) / n) ** 2).sum()) / (n - 1)
-
-
-def average(stats):
-    """A dict of numbers averaged over the ranks (each rank's value weighted the same); stats itself in one process."""
-    if not ddp:
-        return stats
-    values = all_reduce_sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / world_size
-    return dict(zip(stats, values.tolist()))
