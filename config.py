@@ -41,7 +41,7 @@ class Config:
     n_sft: int = 20000           # (prompt, noisy response) examples in the SFT corpus
     vocab_size: int = 512        # of the trained BPE, specials included
     init: str = ""               # a GPT-2 checkpoint directory to start from: its weights, sizes and
-                                 # encoding replace n_layer, n_head, n_embd, vocab_size (see README)
+                                 # encoding replace n_layer, n_head, n_embd, vocab_size (docs/real-data.md)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -58,7 +58,7 @@ class Config:
     n_judge: int = 500           # SFT samples judged (sft/metrics.json) and used to fit reward scales
     # preference data: the annotation budget, the same for every method
     n_pairs: int = 1000
-    data: str = ""               # your own preference JSONL instead of the toy world (see README)
+    data: str = ""               # your own preference JSONL instead of the toy world (docs/real-data.md)
     # RL and evaluation
     methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg, rloo, rloo_fg, dpo, dpo_edits
     seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
@@ -86,7 +86,7 @@ PRESETS = {
                 sft_lr=1e-3, warmup=200),
 }
 # Each method's PPO settings (DPOConfig fields for dpo, dpo_edits), chosen by the tuning protocol
-# of the README ("A fair comparison"): the same grid for every method (ppo_lr {1e-5, 3e-5} x lam
+# of docs/results.md ("A fair comparison"): the same grid for every method (ppo_lr {1e-5, 3e-5} x lam
 # {0.95, 1} x beta {0.02, 0.05}, 80 iterations) on tuning seed 7, never reported; the best win
 # rate on its 500 evaluation prompts. DPO's grid: dpo_lr {5e-6, 2e-5} x beta_dpo {0.1, 0.5} x
 # dpo_steps {64, 192}, whose best sat at its corner (and beta_dpo hardly mattered), extended by

@@ -156,12 +156,12 @@ def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
 
 def label_stats(enc, records):
     """What the preference data's edits look like (prefs/stats.json): the fraction of each
-    label (-1/0/+1, paper scheme) over all tokens, the mean token edit distance and the mean
+    label (-1/0/+1, as bad_neutral_good labels them) over all tokens, the mean token edit distance and the mean
     rejected-response length."""
     counts, dist, length = {-1: 0, 0: 0, 1: 0}, 0, 0
     edited = [r for r in records if "edited" in r]
     for r in edited:
-        lo, le = reward.label_pair(enc, r["rejected"], r["edited"], "paper")
+        lo, le = reward.label_pair(enc, r["rejected"], r["edited"], "bad_neutral_good")
         for v in lo + le:
             counts[v] += 1
         dist += sum(v != 0 for v in lo + le)  # token edit distance = deleted + inserted tokens
@@ -189,7 +189,7 @@ def fact_flips(n, seed):
 def error_types(enc, record, labels):
     """For each bad-labelled token of a rejected response: the judge's category of the
     sentence it sits in, or "missing" for an omission mark (a bad label on a kept token)."""
-    deleted, _ = reward.label_pair(enc, record["rejected"], record["edited"], "paper")
+    deleted, _ = reward.label_pair(enc, record["rejected"], record["edited"], "bad_neutral_good")
     text, offsets = enc.decode_with_offsets(enc.encode_ordinary(record["rejected"]))
     ends = offsets[1:] + [len(text)]  # a token's last character is at ends[i] - 1
     verdicts, _ = data.classify(record["prompt"], record["rejected"])
@@ -222,7 +222,7 @@ def token_metrics(trm, chat, val, scheme, gold, device, batch=32):
                 if t is not None:
                     by_type.setdefault(t, []).append(h == 0)
     pred, true = torch.cat(pred), torch.cat(true)
-    names = ["bad", "neutral", "good"] if scheme == "paper" else ["bad", "rest"]
+    names = ["bad", "neutral", "good"] if scheme == "bad_neutral_good" else ["bad", "rest"]
     out = {"scheme": scheme, **{f"{n}_{k}": v for c, n in enumerate(names) for k, v in prf(pred, true, c).items()}}
     if gold:
         out["bad_recall_by_type"] = {t: sum(h) / len(h) for t, h in sorted(by_type.items())}

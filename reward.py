@@ -3,15 +3,14 @@ Reward models, and the reward each RL method optimises.
 
 - TokenRM: a per-token classifier on a GPT trunk (initialised from SFT), trained on the
   Myers-diff labels of minimal edits (diff_labels.py). Two label schemes, both this project's:
-    paper        3 classes bad / neutral / good, from token_labels; r_t = p(good) - p(bad):
-                 our reading of Xu et al. (ACL 2024), whose abstract does not give its labels,
-                 loss or reward.
-    bad_vs_rest  2 classes, bad = the tokens the edit deletes or replaces, plus an omission
-                 mark on the token where the answer departs from an edit that inserts text
-                 (the eot when the edit appends); r_t = -p(bad). The default: an inserted
-                 correct token looks exactly like an unchanged one, so "good" is close to
-                 unlearnable (a prototype measured F1 ~ 0), and without the mark an omission
-                 leaves no token to blame.
+    bad_neutral_good  3 classes, from token_labels; r_t = p(good) - p(bad): our reading of
+                      Xu et al. (ACL 2024), whose public abstract gives no labels, loss or reward.
+    bad_vs_rest       2 classes, bad = the tokens the edit deletes or replaces, plus an omission
+                      mark on the token where the answer departs from an edit that inserts text
+                      (the eot when it appends); r_t = -p(bad). The default: an inserted correct
+                      token looks exactly like an unchanged one, so "good" is close to
+                      unlearnable (a prototype measured F1 ~ 0), and without the mark an omission
+                      leaves no token to blame.
 - SeqRM: a scalar head read at the last response token (<|endoftext|>), trained with the
   Bradley-Terry loss -log sigma(r_chosen - r_rejected) (Ouyang et al., 2022). On (chosen,
   rejected) it is the standard RLHF baseline; on (edited, rejected) the ablation that sees the
@@ -60,7 +59,7 @@ from model import GPT, GPTConfig, autocast
 
 @dataclass
 class RMConfig:
-    rm_scheme: str = "bad_vs_rest"  # bad_vs_rest | paper (see the module docstring)
+    rm_scheme: str = "bad_vs_rest"  # bad_vs_rest | bad_neutral_good (see the module docstring)
     rm_steps: int = 300         # optimisation steps of every RM, whatever the number of pairs
     rm_batch: int = 32          # preference pairs per step
     rm_lr: float = 3e-4
@@ -69,7 +68,7 @@ class RMConfig:
 
 
 SCHEMES = {  # gold label (-1 / 0 / +1) -> class index; class 0 is always "bad"
-    "paper": {-1: 0, 0: 1, 1: 2},
+    "bad_neutral_good": {-1: 0, 0: 1, 1: 2},
     "bad_vs_rest": {-1: 0, 0: 1, 1: 1},
 }
 
@@ -91,7 +90,7 @@ class TokenRM(nn.Module):
         return self.head(self.gpt.hidden(idx, real))  # (B, T, n_classes)
 
     def token_rewards(self, idx, real, resp_mask):
-        """r_t (B, T) on response tokens, 0 elsewhere: -p(bad), or p(good) - p(bad) (paper).
+        """r_t (B, T) on response tokens, 0 elsewhere: -p(bad), or p(good) - p(bad) (bad_neutral_good).
         Alignment: the class at position t is read from the hidden state of token t (which
         has seen token t), and judges token t itself: no shift, unlike the LM's logits."""
         p = F.softmax(self(idx, real).float(), dim=-1)  # (B, T, K)

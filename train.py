@@ -16,7 +16,7 @@ and 4 run in a pool of worker processes, a policy starting once its reward model
     python train.py                       # default preset, CPU or GPU autodetected
     python train.py --preset=tiny         # the whole pipeline in about a minute
     python train.py --help                # every flag, by section, with its default
-    torchrun --standalone --nproc_per_node=4 train.py --preset=gpu   # 4 GPUs (README: Several GPUs)
+    torchrun --standalone --nproc_per_node=4 train.py --preset=gpu   # 4 GPUs (docs/engineering.md)
 """
 
 import dataclasses

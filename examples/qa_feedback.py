@@ -28,7 +28,7 @@ need text) and a record with neither an edit nor a preferred prediction (nothing
 agreement: token-level precision / recall / F1 of our diff's bad labels (reward.label_pair,
 both label schemes) against the tokens a human error span overlaps, pooled over answers; per
 error type on the answers whose spans all have that type; and, for answers with missing-info
-annotations, how often the diff gives the omission an insertion-point mark (bad_vs_rest only).
+annotations, how often the diff gives the omission an omission mark (bad_vs_rest only).
 The <|endoftext|> token has no characters: it is outside the span metric and counts only as a
 place for an insertion mark. Tokenizer: GPT-2's if --init names a checkpoint directory, else our
 BPE trained on the file's answers and corrections (GPT-2's files cannot be downloaded offline).
@@ -44,7 +44,7 @@ import data  # noqa: E402
 import reward  # noqa: E402
 import tokenizer as tok  # noqa: E402
 
-SCHEMES = list(reward.SCHEMES)  # bad_vs_rest, paper
+SCHEMES = list(reward.SCHEMES)  # bad_vs_rest, bad_neutral_good
 
 
 # -----------------------------------------------------------------------------
@@ -124,11 +124,11 @@ def agreement(items, enc):
         out[scheme] = {"all": prf(*total),
                        "by_type": {t: prf(*c[:3]) | {"answers": c[3]} for t, c in sorted(by_type.items())},
                        "recall_all_spans": {t: h / max(n, 1) for t, (h, n) in sorted(spans_of.items())}}
-    # omissions: an insertion-point mark is a bad label of bad_vs_rest that the paper scheme lacks
+    # omissions: an omission mark is a bad label of bad_vs_rest that bad_neutral_good lacks
     groups = {"with_missing_info": [0, 0, 0], "without_missing_info": [0, 0, 0]}  # answers, marked, any insertion
     for it in items:
         args = (enc, it["prediction 1"], it["feedback"]["corrected-prediction"])
-        (lb, le), (lp, _) = reward.label_pair(*args, "bad_vs_rest"), reward.label_pair(*args, "paper")
+        (lb, le), (lp, _) = reward.label_pair(*args, "bad_vs_rest"), reward.label_pair(*args, "bad_neutral_good")
         g = groups["with_missing_info" if it["feedback"]["missing-info"] else "without_missing_info"]
         g[0], g[1], g[2] = g[0] + 1, g[1] + any(b != p for b, p in zip(lb, lp)), g[2] + (1 in le)
     out["missing_info"] = {k: {"answers": n, "insertion_mark": m / max(n, 1), "any_inserted_token": a / max(n, 1)}
@@ -148,7 +148,7 @@ def table(res):
             cells = f"{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f}" if r else "- | - | -"
             n = r["answers"] if r else 0
             lines.append(f"| only {t} ({n}) | {scheme} | {cells} | {res[scheme]['recall_all_spans'][t]:.3f} |")
-    lines += ["", "| answers | count | with an insertion-point mark | with any inserted token |", "|---|---|---|---|"]
+    lines += ["", "| answers | count | with an omission mark | with any inserted token |", "|---|---|---|---|"]
     for k, v in res["missing_info"].items():
         lines.append(f"| {k.replace('_', ' ')} | {v['answers']} | {v['insertion_mark']:.3f} | {v['any_inserted_token']:.3f} |")
     return "\n".join(lines)

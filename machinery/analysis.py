@@ -209,7 +209,7 @@ def compare(a, b):
 LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (README: Classroom kit).")
+    ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (docs/teaching.md).")
     ap.add_argument("lab", choices=[*LABS, "frontier", "compare"])
     ap.add_argument("folder", nargs="+", help="a --sweep folder (reward_hacking also takes one run's folder; "
                                              "frontier takes several; compare two FOLDER:METHOD)")

@@ -1,6 +1,6 @@
-"""The ablation patches (ablations/*.patch, README "A fair comparison") each revert one fix of
+"""The ablation patches (ablations/*.patch, docs/results.md "A fair comparison") each revert one fix of
 the fair protocol; they must keep applying to the code as it changes, or the ablation's
-command in the README no longer reproduces."""
+command in docs/results.md no longer reproduces."""
 import glob
 import os
 import shutil

@@ -52,8 +52,8 @@ def test_parse_args_defaults_and_errors():
 
 def test_space_separated_flags_equal_the_equals_form():
     """--key value and --preset tiny parse exactly like --key=value and --preset=tiny."""
-    a = config.parse_args(["--preset", "tiny", "--beta", "0.5", "--rm_scheme", "paper", "--force"])
-    b = config.parse_args(["--preset=tiny", "--beta=0.5", "--rm_scheme=paper", "--force"])
+    a = config.parse_args(["--preset", "tiny", "--beta", "0.5", "--rm_scheme", "bad_neutral_good", "--force"])
+    b = config.parse_args(["--preset=tiny", "--beta=0.5", "--rm_scheme=bad_neutral_good", "--force"])
     assert a == b and a[0][ppo.PPOConfig].beta == 0.5 and a[3] == "tiny"
 
 
@@ -61,7 +61,7 @@ def test_space_separated_flags_equal_the_equals_form():
     ("--seeds=0", ["--seeds=0 must be at least 1"]),
     ("--n_judge=1", ["--n_judge=1 must be at least 2"]),
     ("--device=tpu", ["--device", "tpu", "auto", "cpu", "cuda", "mps"]),
-    ("--rm_scheme=xyz", ["--rm_scheme", "bad_vs_rest", "paper"]),
+    ("--rm_scheme=xyz", ["--rm_scheme", "bad_vs_rest", "bad_neutral_good"]),
     ("--methods=ppo,nope", ["nope", "fg_ppo", "oracle_fg"]),
     ("--max_new_tokens=500", ["--max_new_tokens must be smaller than --block_size"]),
     ("--bet=0.1", ["--bet=0.1", "valid keys", "--beta"]),  # no abbreviations

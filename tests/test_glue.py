@@ -76,10 +76,10 @@ def test_sft_targets_are_the_next_token(chat):
 # Reward-model labels: class t labels token t itself (no shift)
 
 
-@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "bad_neutral_good"])
 def test_rm_examples_label_the_wrong_token_itself(chat, scheme):
     """(rejected, edited) examples: -1 on the prompt; on the rejected response class 0 (bad)
-    exactly at " fish"; with the paper scheme class 2 (good) exactly at " grass" of the edit."""
+    exactly at " fish"; with the bad_neutral_good scheme class 2 (good) exactly at " grass" of the edit."""
     rec = {"prompt": PROMPT, "chosen": RIGHT, "rejected": WRONG, "edited": RIGHT}
     (ids_o, cls_o), (ids_e, cls_e) = reward.rm_examples(chat, [rec], scheme)[0]
     n_p = len(chat.prompt(PROMPT))
@@ -88,7 +88,7 @@ def test_rm_examples_label_the_wrong_token_itself(chat, scheme):
     assert [t for t, c in enumerate(cls_o) if c == 0] == positions_of(chat, ids_o, " fish")
     assert all(c == 1 for t, c in enumerate(cls_o) if t >= n_p and c != 0)
     good = [t for t, c in enumerate(cls_e) if c == 2]
-    assert good == (positions_of(chat, ids_e, " grass") if scheme == "paper" else [])
+    assert good == (positions_of(chat, ids_e, " grass") if scheme == "bad_neutral_good" else [])
 
 
 def test_trained_token_rm_blames_the_wrong_token_in_a_rollout_batch(chat):

@@ -70,7 +70,7 @@ def test_agreement_by_hand(items):
     4 inserts tokens (answer 3's replacement)."""
     enc = tok.build_encoding({bytes([i]): i for i in range(256)})
     res = qa.agreement(items, enc)
-    for scheme in ("paper", "bad_vs_rest"):
+    for scheme in ("bad_neutral_good", "bad_vs_rest"):
         a = res[scheme]["all"]
         assert (a["tp"], a["fp"], a["fn"]) == (10, 1, 1)
         assert a["precision"] == a["recall"] == a["f1"] == pytest.approx(10 / 11)
@@ -82,7 +82,7 @@ def test_agreement_by_hand(items):
         "with_missing_info": {"answers": 1, "insertion_mark": 1.0, "any_inserted_token": 1.0},
         "without_missing_info": {"answers": 4, "insertion_mark": 0.0, "any_inserted_token": 0.25}}
     md = qa.table(res)
-    assert "| all | paper | 0.909 | 0.909 | 0.909 | |" in md and "| only Wrong-Grounding (1) | paper |" in md
+    assert "| all | bad_neutral_good | 0.909 | 0.909 | 0.909 | |" in md and "| only Wrong-Grounding (1) | bad_neutral_good |" in md
 
 
 def test_span_tokens_overlap():

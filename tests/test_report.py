@@ -22,7 +22,7 @@ def chat():
     return tok.Chat(tok.build_encoding(tok.train_bpe(texts, 512)), block_size=160, max_new_tokens=110)
 
 
-@pytest.mark.parametrize("scheme", ["paper", "bad_vs_rest"])
+@pytest.mark.parametrize("scheme", ["bad_neutral_good", "bad_vs_rest"])
 def test_token_rewards_html_gold_labels_follow_the_rms_scheme(chat, scheme, tmp_path, monkeypatch):
     """An answer that leaves a fact out: its gold labels in the HTML are label_pair's under the
     RM's scheme (bad_vs_rest puts an omission mark on it, the three-class scheme does not)."""

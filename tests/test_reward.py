@@ -47,7 +47,7 @@ def _batch(seed=0):
 # Losses (the token loss by hand: the exercises' graders, exercises/checks.py, run on reward.py
 # by tests/test_exercises.py)
 
-@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "bad_neutral_good"])
 def test_token_rm_loss_ignores_padding_token_ids(scheme):
     """On a left-padded batch, changing the token ids at padding positions leaves the token loss unchanged."""
     rm = TokenRM(tiny(), scheme).eval()
@@ -122,7 +122,7 @@ def test_seq_rm_reads_last_real_token():
         torch.testing.assert_close(rm(idx, mask), alone.expand(2), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "bad_neutral_good"])
 def test_token_rewards_values(scheme):
     """token_rewards is 0 off the response and -p(bad) resp. p(good) - p(bad) on it, within its range."""
     rm = TokenRM(tiny(), scheme).eval()
@@ -157,7 +157,7 @@ def test_schemes_map_bad_to_class_zero():
     for s in SCHEMES.values():
         assert s[-1] == 0
     assert SCHEMES["bad_vs_rest"][0] == SCHEMES["bad_vs_rest"][1] == 1
-    assert sorted(SCHEMES["paper"].values()) == [0, 1, 2]
+    assert sorted(SCHEMES["bad_neutral_good"].values()) == [0, 1, 2]
 
 
 # -----------------------------------------------------------------------------
@@ -178,12 +178,12 @@ def _train(model, loss_fn, steps=30, lr=1e-2):
     return losses
 
 
-@pytest.mark.parametrize("scheme", ["bad_vs_rest", "paper"])
+@pytest.mark.parametrize("scheme", ["bad_vs_rest", "bad_neutral_good"])
 def test_token_rm_training_lowers_loss(scheme):
     """~30 AdamW steps on a tiny batch lower the token loss well below its start."""
     rm = TokenRM(tiny(), scheme)
     idx, mask, resp, classes = _batch()
-    if scheme == "paper":
+    if scheme == "bad_neutral_good":
         classes = torch.where(resp, torch.randint(0, 3, idx.shape, generator=torch.Generator().manual_seed(4)), -1)
     losses = _train(rm, lambda: token_loss(rm(idx, mask), classes))
     assert all(math.isfinite(x) for x in losses)
@@ -208,7 +208,7 @@ def test_load_rm_reads_the_class_from_the_checkpoint(tmp_path):
     """load_rm builds the class the checkpoint holds, whatever the file is called: a token RM
     saved as seq.pt comes back a TokenRM of its scheme, a sequence RM saved as token.pt a SeqRM."""
     from reward import load_rm, save_rm
-    for rm, name in ((TokenRM(tiny(0), "paper"), "seq.pt"), (SeqRM(tiny(0)), "token.pt")):
+    for rm, name in ((TokenRM(tiny(0), "bad_neutral_good"), "seq.pt"), (SeqRM(tiny(0)), "token.pt")):
         _randomise_head(rm.head)
         save_rm(rm, {"center": 0.5, "scale": 2.0}, str(tmp_path / name))
         back, norm = load_rm(str(tmp_path / name), "cpu")

@@ -221,14 +221,14 @@ def test_resume_after_sigkill_matches_uninterrupted(ref, tmp_path):
     proc = subprocess.Popen(cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     try:
         deadline = time.time() + 300
-        while not glob.glob(os.path.join(out, "ppo", "*.pt")):  # *.pt: not the *.pt.tmp being written
+        while not glob.glob(os.path.join(out, "policies", "*.pt")):  # *.pt: not the *.pt.tmp being written
             assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before any PPO checkpoint"
             assert time.time() < deadline, "no PPO checkpoint within 300 s"
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    for path in glob.glob(os.path.join(out, "ppo", "*.pt")):  # whatever was left is a whole checkpoint
+    for path in glob.glob(os.path.join(out, "policies", "*.pt")):  # whatever was left is a whole checkpoint
         assert "iter" in torch.load(path, weights_only=True)
     p = ok(run(out))
     assert "resuming at iteration" in p.stdout
@@ -247,11 +247,11 @@ def test_rerun_of_finished_run_skips_every_stage(ref, tmp_path):
     assert "prefs.jsonl exists, skipping" in p.stdout
     assert f"rm/seed{SEED}/metrics.json exists, skipping" in p.stdout
     for m in METHODS:
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith(f"ppo {m} seed {SEED}:")), "")
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith(f"{m} seed {SEED}:")), "")
         assert "complete, skipping" in line, (m, p.stdout)
     assert "resuming" not in p.stdout and "sft step" not in p.stdout
     res = results(out)
-    for stage in ("sft", "prefs", "rm_ppo"):
+    for stage in ("sft", "prefs", "rm_policies"):
         assert res["timing_s"]["stages"][stage] < 2.0, (stage, res["timing_s"])
     assert wall < ref_wall, (wall, ref_wall)
     assert comparable(res) == comparable(results(src))
@@ -282,7 +282,7 @@ def test_changed_config_refused_then_force_reruns(ref, tmp_path):
     ("--beta=abc", ["--beta", "float"]),
     ("--preset=huge", ["huge", "default", "tiny", "gpu"]),
     ("--methods=ppo,xyz", ["xyz", "fg_ppo", "ppo_edits", "oracle_ppo", "oracle_fg"]),
-    ("--rm_scheme=xyz", ["rm_scheme", "xyz", "bad_vs_rest", "paper"]),
+    ("--rm_scheme=xyz", ["rm_scheme", "xyz", "bad_vs_rest", "bad_neutral_good"]),
 ])
 def test_bad_flags_give_one_line_errors(tmp_path, flag, expected):
     """A bad flag exits non-zero with a one-line error that says what is allowed, before writing anything."""
