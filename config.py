@@ -78,6 +78,10 @@ class Config:
 SECTIONS = [Config, data.WorldConfig, reward.RMConfig, ppo.PPOConfig, dpo.DPOConfig]
 PRESETS = {
     "default": {},
+    # the first run: fine-grained PPO against PPO on the default model, with a third of its data
+    # and budgets (docs/results.md: "The quick run")
+    "quick": dict(methods="ppo,fg_ppo", sft_steps=300, n_judge=200, n_pairs=500, rm_steps=150, ppo_iters=50,
+                  n_eval=200, k_ref=2, n_curve=50),
     "tiny": dict(n_sft=3000, n_layer=2, n_head=2, n_embd=64, sft_steps=400, sft_batch=32,
                  sft_lr=1e-2, warmup=20, n_judge=100, n_pairs=150, rm_steps=40, ppo_iters=6,
                  rollout_batch=32, minibatch=16, n_eval=100, k_ref=2, n_curve=32, eval_every=3,
@@ -105,20 +109,52 @@ TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "rloo_fg": dict(ppo_lr=3e-5, beta=0.02, rloo_k=4),
          "dpo": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=384),
          "dpo_edits": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=192)}
+SHOWN_PPO, SHOWN_DPO = ["ppo_iters", "ppo_lr", "lam", "beta", "rloo_k"], ["dpo_steps", "dpo_lr", "beta_dpo"]  # settings_table
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
 MINIMUM = {"seed": None, "warmup": 0, "vf_warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0,
            "rloo_k": 2, "dpo_steps": 0}  # other ints: >= 1
 
 
 def field_comments(cls):
-    """{field: its trailing comment, continuation lines included}: the --help text."""
-    out, name = {}, None
+    """({field: its trailing comment, continuation lines included}, {field: the section it sits
+    in}) of a config dataclass: the --help text. A comment on a line of its own, at the fields'
+    indentation, heads a section; one indented further continues the comment above it."""
+    comments, sections, name, section = {}, {}, None, ""
     for line in inspect.getsource(cls).splitlines():
+        indent = len(line) - len(line.lstrip())
         if m := re.match(r"\s+(\w+): [^#]*#?\s*(.*)$", line):
-            name, out[m[1]] = m[1], m[2]
+            name, field_indent, comments[m[1]], sections[m[1]] = m[1], indent, m[2], section
+        elif name and line.strip().startswith("#") and indent > field_indent:
+            comments[name] += " " + line.strip("# ")
         elif name and line.strip().startswith("#"):
-            out[name] += " " + line.strip("# ")
-    return out
+            name, section = None, line.strip("# ")
+    return comments, sections
+
+
+def tuned_note(field):
+    """What config.TUNED sets a field to, per method, for its --help."""
+    per = [f"{m} {t[field]:g}" if isinstance(t[field], float) else f"{m} {t[field]}"
+           for m, t in TUNED.items() if field in t]
+    return f"; tuned per method (config.TUNED): {', '.join(per)}" if per else ""
+
+
+def settings_table(rows):
+    """Markdown lines: each method's algorithm, what it learns from, and the settings it runs
+    with, from rows {method: {setting: value}} (its PPOConfig's or DPOConfig's fields)."""
+    def used(m, k):  # DPO has its own settings; RLOO has no lam, and only RLOO an rloo_k
+        algo = reward.METHODS[m].algo
+        if algo == "dpo":
+            return k in SHOWN_DPO
+        return k in SHOWN_PPO and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")
+    keys = [k for k in SHOWN_PPO + SHOWN_DPO if any(used(m, k) for m in rows)]
+    lines = ["| method | algorithm | learns from | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 3) + "|"]
+    for m, r in rows.items():
+        method = reward.METHODS[m]
+        source = f"{method.reward} RM" if method.reward in ("seq", "token", "seq_edits") else method.reward or (
+            f"{method.better} > rejected")
+        cells = [f"{r[k]:g}" if used(m, k) else "-" for k in keys]
+        lines.append(f"| {m} | {method.algo} | {source}{', dense' if method.dense else ''} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def flag_type(name, typ):
@@ -153,16 +189,23 @@ def parse_args(argv):
     """Flags onto the fields of SECTIONS, on top of --preset (default: default).
     Returns ({section class: instance}, force, preset)."""
     p = Parser(usage="python train.py [--preset=NAME] [--force] [--key=value | --key value ...]",
-               description="Fine-grained RLHF from minimal edits: the whole pipeline.", allow_abbrev=False)
+               description="Fine-grained RLHF from minimal edits: the whole pipeline. A flag applies to every "
+                           "method, in place of a method's tuned setting (config.TUNED); a run prints the "
+                           "settings each method runs with, and results.md tables them.", allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="; ".join(f"{k}: {v or 'the dataclass defaults'}" for k, v in PRESETS.items()))
+                   help="default: the experiment (the dataclass defaults); quick: the first run, ppo against "
+                        "fg_ppo in about 4 minutes on 2 cores; tiny: for tests; gpu: one CUDA GPU (the keys each "
+                        "sets: config.PRESETS)")
     p.add_argument("--force", action="store_true", help="delete this folder's outputs and redo every stage")
     for cls in SECTIONS:
-        group, comments = p.add_argument_group(cls.__name__), field_comments(cls)
+        comments, sections = field_comments(cls)
+        groups = {s: p.add_argument_group(f"{cls.__name__}: {s}" if s else cls.__name__)
+                  for s in dict.fromkeys(sections.values())}
         for f in dataclasses.fields(cls):
-            group.add_argument(f"--{f.name}", type=flag_type(f.name, type(f.default)),
-                               metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else type(f.default).__name__.upper(),
-                               help=f"{comments.get(f.name, '')} (default: {f.default!r})".strip())
+            groups[sections[f.name]].add_argument(
+                f"--{f.name}", type=flag_type(f.name, type(f.default)),
+                metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else type(f.default).__name__.upper(),
+                help=f"{comments[f.name]} (default: {f.default!r}{tuned_note(f.name)})".strip())
     args = vars(p.parse_args(argv))
     force, preset = args.pop("force"), args.pop("preset")
     given = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}  # the preset's keys, then the flags

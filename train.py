@@ -37,7 +37,7 @@ import ppo
 import reward
 import sft
 import tokenizer as tok
-from config import SECTIONS, Config, parse_args, prepare_out, sweep_grid
+from config import SECTIONS, Config, parse_args, prepare_out, settings_table, sweep_grid
 from data import save_atomic
 from machinery import distributed as dist
 from machinery.batching import ByLength, micro_batched
@@ -247,6 +247,7 @@ def prepare(cfgs, settings, force, preset):
     torch.manual_seed(cfg.seed)
     print(f"preset {preset} | device {device} | out {cfg.out} | {jobs} job(s) x {job_threads} thread(s)"
           + (f" | torchrun: {dist.world_size} processes" if dist.ddp else ""))
+    print("\n".join(settings_table({m: dataclasses.asdict(settings[m]) for m in methods})))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m].reward for m in methods}]
     timing = {}

@@ -8,6 +8,7 @@ rate: annotator noise). From the repository root:
     python -m machinery.analysis annotator_noise runs/noise       # -> runs/noise/annotator_noise.png
     python -m machinery.analysis frontier runs/frontier runs/frontier_ppo   # win rate against KL, matched-KL pairs
     python -m machinery.analysis compare runs/abl_centre:fg_ppo runs/fair:fg_ppo   # two runs, paired
+    python -m machinery.analysis runs runs/quick_*     # one command at several --seed: fg_ppo - ppo per run and over all
 """
 
 import argparse
@@ -206,13 +207,40 @@ def compare(a, b):
     return lines
 
 
+def runs(folders, a="fg_ppo", b="ppo"):
+    """Independent runs of one command at different --seed (each its own SFT model, data, reward
+    models and evaluation prompts): per run a - b in win rate against SFT, paired prompt by
+    prompt [95% CI], and the wrong and missing facts of both; then the difference over all runs
+    (a bootstrap over runs and then prompts) and how many runs' own CI excludes 0. Returns the
+    printed lines."""
+    lines = [f"| run | {a} | {b} | {a} - {b} [95% CI] | wrong {a} / {b} | missing {a} / {b} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    wins, excludes = {a: [], b: []}, 0
+    for d in folders:
+        r = json.load(open(os.path.join(d, "results.json")))
+        res = {m: json.load(open(os.path.join(d, "policies", f"{m}_seed{r['seeds'][0]}.eval.json"))) for m in (a, b)}
+        (diff, ci), ra, rb = paired([res[a]["wins"]], [res[b]["wins"]]), r["methods"][a], r["methods"][b]
+        excludes += ci[0] > 0 or ci[1] < 0
+        for m in (a, b):
+            wins[m].append(res[m]["wins"])
+        lines.append(f"| {os.path.basename(os.path.normpath(d))} | {ra['win_rate']:.3f} | {rb['win_rate']:.3f} | "
+                     f"{diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] | {ra['wrong']:.3f} / {rb['wrong']:.3f} | "
+                     f"{ra['missing']:.3f} / {rb['missing']:.3f} |")
+    diff, ci = paired(wins[a], wins[b])
+    lines += ["", f"{a} - {b} over {len(folders)} runs: {diff:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] (paired); "
+                  f"the CI of {excludes} of {len(folders)} runs alone excludes 0"]
+    print("\n".join(lines))
+    return lines
+
+
 LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (docs/teaching.md).")
-    ap.add_argument("lab", choices=[*LABS, "frontier", "compare"])
+    ap.add_argument("lab", choices=[*LABS, "frontier", "compare", "runs"])
     ap.add_argument("folder", nargs="+", help="a --sweep folder (reward_hacking also takes one run's folder; "
-                                             "frontier takes several; compare two FOLDER:METHOD)")
+                                             "frontier takes several; compare two FOLDER:METHOD; runs the "
+                                             "folders of one command at several --seed)")
     ap.add_argument("--out", help="where to write the figure (default: <first folder>/<lab>.png)")
     ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
     args = ap.parse_args()
@@ -221,6 +249,9 @@ if __name__ == "__main__":
         if len(args.folder) != 2:
             ap.error("compare takes two runs, FOLDER:METHOD FOLDER:METHOD")
         compare(*args.folder)
+        sys.exit()
+    if args.lab == "runs":
+        runs(args.folder)
         sys.exit()
     if args.lab == "frontier":
         frontier(out, args.folder)

@@ -15,6 +15,7 @@ import torch
 import data
 import diff_labels
 import reward
+from config import SHOWN_DPO, SHOWN_PPO, settings_table
 from evaluation import eval_set, final_eval, paired, pooled, sample_stats
 from model import GPT
 
@@ -105,6 +106,10 @@ def results_md(out, methods, world, n_eval, k_ref):
         lines.append(row([m, f"{r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", f"{r['judge_score']:.2f}", number(r["kl"]),
                           number(r["kl_eval"]), f"{r['mean_length']:.1f}", number(r["explained_var"])]
                          + [f"{r[c]:.3f}" for c in cols]))
+    c = out["config"]  # each method's settings: the flat ones, and where it differs
+    lines += ["", "Each method's settings (the tuned ones from config.TUNED unless given as flags):", ""]
+    lines += settings_table({m: {k: c.get("settings_by_method", {}).get(m, {}).get(k, c.get(k))
+                                 for k in SHOWN_PPO + SHOWN_DPO} for m in methods})
     for a, b in PAIRED:
         if (d := out.get(f"{a}_minus_{b}")) is not None:
             lines += ["", f"{a} - {b} win rate: {d['win_rate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (paired)"]

@@ -95,3 +95,23 @@ def test_compare_two_runs_over_their_shared_seeds(tmp_path):
     assert "| 0.875 [" in lines[2] and lines[2].endswith("| 0.75 | 31.5 | 0.150 | 0.050 |")  # seeds 1, 2 only
     assert "| 0.625 [" in lines[3] and "| 0.50 |" in lines[3]
     assert ": +0.250 [" in lines[-1] and lines[-1].endswith("(paired, seeds 1, 2)")
+
+
+def fake_seed_run(d, seed, wins_a, wins_b):
+    """One run of one seed with fg_ppo and ppo: results.json and both final evaluations."""
+    os.makedirs(os.path.join(d, "policies"))
+    methods = {m: {"win_rate": sum(w) / len(w), "wrong": 0.1, "missing": 0.05} for m, w in (("fg_ppo", wins_a), ("ppo", wins_b))}
+    json.dump({"seeds": [seed], "methods": {"sft": {}, **methods}}, open(os.path.join(d, "results.json"), "w"))
+    for m, w in (("fg_ppo", wins_a), ("ppo", wins_b)):
+        json.dump({"wins": w}, open(os.path.join(d, "policies", f"{m}_seed{seed}.eval.json"), "w"))
+
+
+def test_runs_pairs_each_run_and_pools_the_runs(tmp_path):
+    """runs: each run's fg_ppo - ppo paired on its own prompts, the pooled difference the mean
+    over all prompts of all runs, and the count of runs whose own CI excludes 0."""
+    fake_seed_run(tmp_path / "s1", 1, [1] * 20, [0] * 20)          # +1 on every prompt: its CI excludes 0
+    fake_seed_run(tmp_path / "s2", 2, [1, 0] * 10, [0, 1] * 10)    # +1 and -1 alternate: mean 0
+    lines = analysis.runs([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    assert "| s1 | 1.000 | 0.000 | +1.000 [+1.000, +1.000] |" in lines[2]
+    assert "| s2 | 0.500 | 0.500 | +0.000 [" in lines[3]
+    assert lines[-1].startswith("fg_ppo - ppo over 2 runs: +0.500 [") and lines[-1].endswith("the CI of 1 of 2 runs alone excludes 0")

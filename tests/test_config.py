@@ -1,6 +1,7 @@
 """Tests for config.py: flags onto the dataclasses (both --key=value and --key value), presets,
 types, bounds and choices, one-line errors, and --help generated from the fields."""
 import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -145,9 +146,9 @@ def test_help_lists_every_field_by_section_with_default_and_comment():
         assert f"{cls.__name__}:" in text, cls.__name__
         for f in dataclasses.fields(cls):
             assert f"--{f.name}" in text, f.name
-    assert "--beta FLOAT weight of the per-token KL penalty to the SFT reference (default: 0.05)" in text
+    assert "--beta FLOAT weight of the per-token KL penalty to the SFT reference (default: 0.05;" in text
     assert "class weight of \"bad\" in the token loss; 1 keeps p(bad) calibrated" in text  # a comment on two lines
-    assert "--preset {default,tiny,gpu}" in text
+    assert "--preset {default,quick,tiny,gpu}" in text
 
 
 def test_prepare_out_passes_new_keys_and_settings_of_methods_not_run(tmp_path):
@@ -164,3 +165,22 @@ def test_prepare_out_passes_new_keys_and_settings_of_methods_not_run(tmp_path):
         config.data.write_json(old, os.path.join(out, "config.json"))
         with pytest.raises(SystemExit, match=next(iter(changed))):
             config.prepare_out(out, {**old, **changed}, False)
+
+
+def test_help_keeps_section_comments_out_of_the_fields_help():
+    """A comment on a line of its own heads a section of --help, and never ends up in the help of
+    the field above it; the flags config.TUNED sets say so, with each method's value."""
+    text = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    flat, all_heads = " ".join(text.split()), []
+    for cls in config.SECTIONS:
+        src = inspect.getsource(cls).splitlines()
+        heads = [ln.strip("# ").strip() for ln in src if ln.strip().startswith("#") and ln.index("#") == 4]
+        all_heads += heads
+        comments, sections = config.field_comments(cls)
+        assert set(sections) == {f.name for f in dataclasses.fields(cls)}
+        for head in heads:
+            assert not any(c.endswith(" " + head) for c in comments.values()), head  # the old bug appended it
+            assert f"{cls.__name__}: {head}:" in text, head  # the section's group in --help
+    assert all_heads and "--device {auto,cpu,cuda,mps} auto = cuda -> mps -> cpu (default: 'auto')" in flat
+    assert "tuned per method (config.TUNED): ppo 1e-05, fg_ppo 3e-05" in flat
+    assert "{'" not in text  # no dict dumped for --preset

@@ -116,6 +116,8 @@ def test_end_to_end_outputs_and_schema(ref):
     assert set(res["reward_models"]) == {f"seed{SEED}"}
     assert {"token", "seq", "seq_edits"} <= set(res["reward_models"][f"seed{SEED}"])
     assert all(isinstance(v, float) for v in res["timing_s"]["stages"].values())
+    md = open(os.path.join(out, "results.md")).read()  # each method's settings, its tuned ones included
+    assert "| ppo | ppo | seq RM | 4 | 1e-05 | 1 | 0.02 |" in md and "| fg_ppo | ppo | token RM, dense | 4 | 3e-05 | 0.95 | 0.05 |" in md
     for m in METHODS:  # where each PPO run spent its time
         split = res["timing_s"]["ppo_parts"][m]
         assert set(split) == {"rollout", "update", "curve", "critic_warmup", "final_eval"}
@@ -128,7 +130,9 @@ def test_rloo_and_dpo_run_end_to_end(tmp_path):
     iterations and DPO's steps as learning curves (DPO: PPO's 4 x 2 x 2 = 16 policy steps)."""
     out = tmp_path / "run"
     methods = ["rloo", "rloo_fg", "dpo", "dpo_edits"]
-    ok(run(out, f"--methods={','.join(methods)}"))
+    p = ok(run(out, f"--methods={','.join(methods)}"))
+    assert "| rloo | rloo | seq RM | 4 | 1e-05 | - | 0.02 | 4 |" in p.stdout  # the settings, printed at start-up
+    assert "| dpo | dpo | chosen > rejected | - | - | - | - | - | 0 | 2e-05 | 0.1 |" in p.stdout  # tiny: PPO's steps
     res = results(out)
     assert set(res["methods"]) == {"sft", *methods} and "rloo_fg_minus_rloo" in res and "dpo_edits_minus_dpo" in res
     for m in methods:
