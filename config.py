@@ -194,7 +194,7 @@ def parse_args(argv):
                            "settings each method runs with, and results.md tables them.", allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="default: the experiment (the dataclass defaults); quick: the first run, ppo against "
-                        "fg_ppo in about 4 minutes on 2 cores; tiny: for tests; gpu: one CUDA GPU (the keys each "
+                        "fg_ppo in about 4.5 minutes on 2 cores; tiny: for tests; gpu: one CUDA GPU (the keys each "
                         "sets: config.PRESETS)")
     p.add_argument("--force", action="store_true", help="delete this folder's outputs and redo every stage")
     for cls in SECTIONS:

@@ -131,8 +131,8 @@ def test_rloo_and_dpo_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     methods = ["rloo", "rloo_fg", "dpo", "dpo_edits"]
     p = ok(run(out, f"--methods={','.join(methods)}"))
-    assert "| rloo | rloo | seq RM | 4 | 1e-05 | - | 0.02 | 4 |" in p.stdout  # the settings, printed at start-up
-    assert "| dpo | dpo | chosen > rejected | - | - | - | - | - | 0 | 2e-05 | 0.1 |" in p.stdout  # tiny: PPO's steps
+    assert "| rloo | rloo | seq RM | 4 | 1e-05 | 0.02 | 4 | - | - | - |" in p.stdout  # the settings, printed at start-up
+    assert "| dpo | dpo | chosen > rejected | - | - | - | - | 0 | 2e-05 | 0.1 |" in p.stdout  # no lam: no method uses it
     res = results(out)
     assert set(res["methods"]) == {"sft", *methods} and "rloo_fg_minus_rloo" in res and "dpo_edits_minus_dpo" in res
     for m in methods:
