@@ -257,3 +257,13 @@ def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
     if "token" in rms:
         metrics["token"].update(token_metrics(rms["token"], chat, val, scheme, world.gold, device))
     return metrics
+
+
+def rm_lines(metrics, seed):
+    """rm_metrics as log lines: each RM's figures, and which errors the token RM catches."""
+    lines = [f"rm {name} seed {seed}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
+             for name, m in metrics.items() if name != "norm"]
+    if "bad_recall_by_type" in metrics.get("token", {}):
+        lines.append("rm token bad recall by error type: " + " | ".join(
+            f"{k} {v:.2f}" for k, v in metrics["token"]["bad_recall_by_type"].items()))
+    return lines

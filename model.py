@@ -190,6 +190,27 @@ class GPT(nn.Module):
         model.load_state_dict(ours)  # strict: every parameter of ours is in the checkpoint, and only those
         return model
 
+    def save_pretrained(self, path, **hf_config):
+        """The way back: a Hugging Face GPT-2 directory (config.json with hf_config's keys too,
+        model.safetensors) that transformers' GPT2LMHeadModel and our from_pretrained both read."""
+        assert self.config.bias, "GPT-2 has biases in its Linears and LayerNorms"
+        c = self.config
+        hf = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size,
+                  n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+                  activation_function={"tanh": "gelu_new", "none": "gelu"}[c.gelu], resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, **hf_config)
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to wte: transformers ties it again on load
+            if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                v = v.t()  # nn.Linear's (out, in) -> HF's Conv1D (in, out)
+            sd[k] = v.detach().float().contiguous().cpu()
+        os.makedirs(path, exist_ok=True)
+        json.dump(hf, open(os.path.join(path, "config.json"), "w"), indent=2)
+        from safetensors.torch import save_file
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         """The GPT of a checkpoint this project wrote, {"model": state_dict, "model_args": GPTConfig fields}."""

@@ -143,6 +143,25 @@ def gpt2_ranks(path: str) -> dict[bytes, int]:
     return ranks
 
 
+def save_gpt2_files(ranks: dict[bytes, int], path: str) -> None:
+    """The inverse of gpt2_ranks: vocab.json and merges.txt of ranks, each merge the two parts
+    that the tokens made before it leave of the merged token, and our specials after
+    <|endoftext|> as added tokens (added_tokens.json, special_tokens_map.json)."""
+    spell = lambda b: "".join(bytes_to_unicode()[x] for x in b)
+    vocab, merges, made = {spell(t): r for t, r in ranks.items()} | {"<|endoftext|>": len(ranks)}, [], {}
+    for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(t) > 1:
+            a, b = _merge_chunk([bytes([x]) for x in t], made)
+            merges.append(f"{spell(a)} {spell(b)}")
+        made[t] = r
+    os.makedirs(path, exist_ok=True)
+    json.dump(vocab, open(os.path.join(path, "vocab.json"), "w", encoding="utf-8"), ensure_ascii=False)
+    open(os.path.join(path, "merges.txt"), "w", encoding="utf-8").write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    json.dump({s: len(ranks) + i for i, s in enumerate(SPECIALS) if i}, open(os.path.join(path, "added_tokens.json"), "w"))
+    json.dump({"bos_token": SPECIALS[0], "eos_token": SPECIALS[0], "unk_token": SPECIALS[0], "pad_token": "<|pad|>",
+               "additional_special_tokens": SPECIALS[1:3]}, open(os.path.join(path, "special_tokens_map.json"), "w"))
+
+
 def get_tokenizer(path: str, texts: list[str] | None = None, vocab_size: int = 512,
                   init: str = "") -> tiktoken.Encoding:
     """The encoding of a run: read from path if it exists (delete it to retrain); else GPT-2's

@@ -154,8 +154,7 @@ def stage_rm_metrics(cfg, world, chat, rmc, seed, names, device):
     metrics = evaluation.rm_metrics(rms, norms, samples, val, world, chat, rmc.rm_scheme, seed, device)
     metrics["norm"] = norms
     data.write_json(metrics, os.path.join(d, "metrics.json"))
-    print("\n".join(f"rm {name} seed {seed}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
-                    for name, m in metrics.items() if name in rms))
+    print("\n".join(evaluation.rm_lines(metrics, seed)))
 
 
 def stage_rl(cfg, world, chat, pc, method, seed, device):

@@ -12,5 +12,6 @@ read what the method wrote.
     devices.py      which device a run uses
     report.py       stage 5's files: results.json, results.md, plots, the token-reward HTML, sweeps
     analysis.py     figures and tables across finished runs: the frontier, comparisons, the labs
+    export.py       a trained policy as a Hugging Face GPT-2 directory that transformers loads
     bench.py        speed and memory figures, as JSON
 """
