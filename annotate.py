@@ -43,8 +43,8 @@ class Annotator:
     def __init__(self, run, out, pairs=None, n=20, seed=0, device="cpu"):
         self.enc = tok.build_encoding(tok.load_ranks(os.path.join(run, "tokenizer.tiktoken")))
         self.pairs = pairs if pairs is not None else sample_pairs(run, self.enc, n, seed, device)
-        rm_path = os.path.join(run, "rm", "seed" + str(json.load(open(os.path.join(run, "config.json")))["seed"]),
-                               "token.pt") if os.path.exists(os.path.join(run, "config.json")) else ""
+        seed = json.load(open(os.path.join(run, "config.json")))["seed"]  # the run's first seed has its token RM
+        rm_path = os.path.join(run, "rm", f"seed{seed}", "token.pt")
         self.rm = reward.load_rm(rm_path, device)[0] if os.path.exists(rm_path) else None
         self.chat = tok.Chat(self.enc, self.rm.gpt.config.block_size, 0) if self.rm else None
         self.out, self.lock = out, threading.Lock()
