@@ -97,9 +97,9 @@ def eval_set(path, world, chat, sft_path, cfg, device):
 @torch.no_grad()
 def evaluate(model, ev, world, chat, seed, n=None, ref=None):
     """Per-prompt win values against the K reference samples (win 1, tie 0.5, loss 0), the
-    judge's error rates of the policy's samples (one per prompt, temperature 1), and the
-    samples; with ref (the SFT model) the rates also hold "kl_eval", the summed KL to it per
-    response on these same samples, sum_t log pi(y_t) - log pi_ref(y_t) (ppo.py's k1)."""
+    judge's error rates of the policy's samples (one per prompt, temperature 1), the samples,
+    and with ref (the SFT model) the KL to it per response on these same samples,
+    sum_t log pi(y_t) - log pi_ref(y_t) (ppo.py's k1; None without ref)."""
     prompts = ev["prompts"][:n]
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     responses, kl = [], 0.0
@@ -115,15 +115,14 @@ def evaluate(model, ev, world, chat, seed, n=None, ref=None):
     for i, s in enumerate(world.scores(prompts, responses)):
         refs = [rs[i] for rs in ev["ref_scores"]]
         wins.append(sum(1.0 if s > q else 0.5 if s == q else 0.0 for q in refs) / len(refs))
-    rates = sample_stats(world, chat, prompts, responses)
-    return wins, {**rates, **({"kl_eval": kl / len(prompts)} if ref is not None else {})}, responses
+    return wins, sample_stats(world, chat, prompts, responses), responses, kl / len(prompts) if ref is not None else None
 
 
 def curve(model, ev, world, chat, cfg, unit):
     """point(x) -> the learning-curve point of model at x, a PPO or RLOO "iter" or a DPO "step"
     (unit): the win rate and judge score on the first n_curve evaluation prompts."""
     def point(x):
-        wins, rates, _ = evaluate(model, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
+        wins, rates, _, _ = evaluate(model, ev, world, chat, cfg.seed + 2000, cfg.n_curve)
         return {unit: x, "win_rate": sum(wins) / len(wins), "judge_score": rates["judge_score"]}
     return point
 
@@ -142,8 +141,8 @@ def final_eval(path, ppo_path, sft, ev, world, chat, seed, device):
     policy = copy.deepcopy(sft).to(device)
     policy.load_state_dict(ck["policy"])
     t0 = time.perf_counter()
-    wins, rates, responses = evaluate(policy, ev, world, chat, seed, ref=sft)
-    out = {"wins": wins, "rates": rates, "kl_eval": rates.pop("kl_eval"),
+    wins, rates, responses, kl = evaluate(policy, ev, world, chat, seed, ref=sft)
+    out = {"wins": wins, "rates": rates, "kl_eval": kl,
            "log": ck["log"], "curve": ck["curve"], "examples": responses[:8],
            "t_curve0": ck.get("t_curve0", 0.0), "t_warmup": ck.get("t_warmup", 0.0),
            "warmup_explained_var": ck.get("warmup_explained_var", []), "t_final_eval": time.perf_counter() - t0}
