@@ -13,6 +13,8 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
 - gen_tokens_per_s_cache / _nocache: batched sampling, batch 32, 128 new tokens, and their
   ratio (the KV cache turns each step from O(T) tokens of work into O(1)), at the thread
   count train.py gives each worker process
+- host_syncs: how often the host reads a tensor as a Python value (.item(), .tolist(), bool(), ...),
+  each a synchronisation on a GPU, per SFT step, PPO rollout, PPO update and generated token
 - peak_rss_mb: this process's peak resident memory; with --pipeline also the peaks summed over
   the pipeline's processes (its workers included), resident (rss: a page that several
   processes share, such as torch's library code, counted in each) and proportional (pss:
@@ -139,6 +141,60 @@ def memory_mb(pid):
             pass
     return sizes
 
+
+
+class CountSyncs:
+    """Counts the project's reads of a tensor as a Python value (.item(), .tolist(), bool(), ...):
+    on a GPU each makes the host wait for the device; on the CPU they are free, but their number
+    is the same. Reads inside torch itself (AdamW's step counts, which stay on the CPU) are not
+    counted: they are not the project's to cut."""
+    NAMES = ["item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"]
+
+    def __enter__(self):
+        self.n, self.saved = 0, {k: getattr(torch.Tensor, k) for k in self.NAMES}
+
+        def counted(f):
+            def call(t, *a, **kw):
+                self.n += not sys._getframe(1).f_globals.get("__name__", "").startswith("torch")
+                return f(t, *a, **kw)
+            return call
+        for k, f in self.saved.items():
+            setattr(torch.Tensor, k, counted(f))
+        return self
+
+    def __exit__(self, *exc):
+        for k, f in self.saved.items():
+            setattr(torch.Tensor, k, f)
+
+
+# Host syncs per step of the loops a GPU run spends its time in (issue: the host out of the hot
+# loops): an SFT step, a PPO rollout of 64 responses and its update (2 epochs of 4 minibatches),
+# and generation per new token.
+import ppo  # noqa: E402
+from machinery.batching import ByLength, micro_batched  # noqa: E402
+
+syncs = {}
+with CountSyncs() as c:
+    step(sft_batches(1)[0], True)
+syncs["sft_step"] = c.n
+agent = ppo.ActorCritic(model).eval()
+ref = ByLength(ppo.ActorCritic(GPT(model.config), critic=False)).eval()
+pc, rng = ppo.PPOConfig(), random.Random(0)
+batch_prompts = [chat.prompt(data.sample_prompt(rng)) for _ in range(pc.rollout_batch)]
+with CountSyncs() as c:
+    b = ppo.rollout(agent, ByLength(agent), ref, micro_batched(lambda i, r, m: m.float()), batch_prompts,
+                    torch.Generator().manual_seed(0), pc, chat.eot, chat.pad, cfg.max_new_tokens)
+syncs["ppo_rollout"] = c.n
+rewards = ppo.kl_penalty_rewards(b["logp"], b["ref_logp"], b["resp_mask"], pc.beta) + b["task_rewards"]
+advantages, b["returns"] = ppo.compute_gae(rewards, b["values"], b["resp_mask"], pc.gamma, pc.lam)
+b["advantages"] = ppo.whiten(advantages, b["resp_mask"])
+with CountSyncs() as c:
+    ppo.update(ByLength(agent), ppo.make_optimizer(agent, pc), b, pc, torch.Generator().manual_seed(0))
+syncs["ppo_update"] = c.n
+with CountSyncs() as c:
+    idx, _, _ = model.generate(prompts, 64, eot=-1, pad=chat.pad)
+syncs["generate_per_token"] = c.n / 64
+out["host_syncs"] = syncs
 
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
