@@ -228,10 +228,11 @@ class GPT(nn.Module):
         B, T = idx.size()
         real = torch.ones_like(idx, dtype=torch.bool) if real is None else real.bool()
         t0 = cache.t if cache is not None else 0
+        # positions never pass t0 + T - 1: checked on the shapes, with no wait for the device
+        assert t0 + T <= self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
         # (B, Tk) real keys, past and present; (B, 1) real tokens before idx
         real_k, past = cache.add_real(real) if cache is not None else (real, 0)
         pos = (past + real.cumsum(1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
-        assert pos.max() < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
         # A query attends to earlier real keys; it may always attend to itself, so that padding
         # queries (whose outputs nobody reads) do not produce NaNs from an empty softmax.
         q_idx = torch.arange(t0, t0 + T, device=idx.device)[:, None]  # (T, 1)

@@ -310,3 +310,14 @@ def test_loss_noncontiguous_targets():
     data = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
     _, loss = model(data[:, :-1], data[:, 1:])
     assert loss.item() == pytest.approx(model(data[:, :-1], data[:, 1:].contiguous())[1].item())
+
+
+def test_a_sequence_longer_than_block_size_is_refused():
+    """hidden refuses T (or the cache's past + T) beyond block_size, by the shapes alone."""
+    model = tiny(block_size=16)
+    with pytest.raises(AssertionError, match="block_size 16"):
+        model(torch.randint(2, 50, (1, 17)))
+    cache = KVCache(model.config, 1, 16, "cpu")
+    model(torch.randint(2, 50, (1, 10)), cache=cache)
+    with pytest.raises(AssertionError, match="block_size 16"):
+        model(torch.randint(2, 50, (1, 7)), cache=cache)
