@@ -103,10 +103,7 @@ def evaluate(model, ev, world, chat, seed, n=None, ref=None):
     prompts = ev["prompts"][:n]
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     responses, kl = [], 0.0
-    model.eval()
-    for i in range(0, len(prompts), EVAL_BATCH):
-        idx, resp, logp = model.generate([chat.prompt(p) for p in prompts[i:i + EVAL_BATCH]], chat.max_new_tokens,
-                                         chat.eot, chat.pad, generator=gen)  # logp (B, T) of the sampled tokens
+    for idx, resp, logp in chat.generate(model, prompts, gen, batch=EVAL_BATCH):  # logp (B, T) of the sampled tokens
         responses += chat.responses(idx, resp)
         if ref is not None:
             ref_logp = token_logprobs(ref(idx, real=(idx != chat.pad) | resp)[0], idx)  # (B, T)

@@ -288,14 +288,15 @@ class Chat:
         return [decode_response(self.enc, [t for t, k in zip(row, m) if k])
                 for row, m in zip(idx.tolist(), resp_mask.tolist())]
 
-    @torch.no_grad()
-    def sample(self, model, prompts, generator, temperature=1.0, batch=64):
-        """Decoded responses (eot stripped) of model to prompts, sampled in batches with the KV cache."""
-        out = []
+    def generate(self, model, prompts, generator, temperature=1.0, batch=64):
+        """model's responses to prompts, sampled batch by batch with the KV cache: yields each
+        batch's (idx, resp_mask, logprobs) of model.GPT.generate."""
         model.eval()
-        for i in range(0, len(prompts), batch):
-            ids = [self.prompt(p) for p in prompts[i:i + batch]]
-            idx, resp_mask, _ = model.generate(ids, self.max_new_tokens, self.eot, self.pad,
-                                               temperature=temperature, generator=generator)
-            out += self.responses(idx, resp_mask)
-        return out
+        for i in range(0, len(prompts), batch):  # GPT.generate runs without autograd
+            yield model.generate([self.prompt(p) for p in prompts[i:i + batch]], self.max_new_tokens, self.eot,
+                                 self.pad, temperature=temperature, generator=generator)
+
+    def sample(self, model, prompts, generator, temperature=1.0, batch=64):
+        """Decoded responses (eot stripped) of model to prompts."""
+        return [r for idx, resp_mask, _ in self.generate(model, prompts, generator, temperature, batch)
+                for r in self.responses(idx, resp_mask)]

@@ -9,7 +9,7 @@ group (nccl on CUDA with one GPU per LOCAL_RANK, gloo on CPU). Without torchrun 
 function here is the identity, so `python train.py` computes exactly what it did before.
 
 - Data parallel training: DistributedDataParallel (wrap) averages the gradients over the
-  ranks during backward. SFT (train.py) draws the same global batch on every rank and takes
+  ranks during backward. SFT (sft.py) draws the same global batch on every rank and takes
   its slice (shard), each rank's summed loss divided by the batch's count / world_size, so
   that this average is the one-process gradient of the whole batch. The method's own loops
   (reward models, PPO, DPO) are written for one process: each rank runs them on its share,
@@ -23,12 +23,11 @@ workers.py (--jobs) is another axis: independent stages side by side, each in on
 process. Here one run is sharded over processes, so the two do not mix.
 """
 
+import dataclasses
 import os
 import sys
 import traceback
 from contextlib import contextmanager
-
-import dataclasses
 
 import torch
 import torch.distributed as dist
