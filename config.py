@@ -60,7 +60,8 @@ class Config:
     n_pairs: int = 1000
     data: str = ""               # your own preference JSONL instead of the toy world (docs/real-data.md)
     # RL and evaluation
-    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also oracle_ppo, oracle_fg, rloo, rloo_fg, dpo, dpo_edits
+    methods: str = "ppo,fg_ppo,ppo_edits"  # comma-separated; also fg_ppo_seq, oracle_ppo, oracle_fg, rloo, rloo_fg,
+                                           # dpo, dpo_edits
     seeds: int = 1               # reward-model and PPO seeds (SFT and preference data are shared)
     n_eval: int = 500            # evaluation prompts, drawn with their own seed
     k_ref: int = 4               # SFT reference samples per evaluation prompt
@@ -102,6 +103,7 @@ PRESETS = {
 # records what each method ran with (config["settings_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
+         "fg_ppo_seq": dict(ppo_lr=3e-5, lam=0.95, beta=0.05, seq_weight=1.0),  # fg_ppo's; seq_weight: issue 30
          "ppo_edits": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "oracle_ppo": dict(ppo_lr=3e-5, lam=1.0, beta=0.05),
          "oracle_fg": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
@@ -109,7 +111,7 @@ TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "rloo_fg": dict(ppo_lr=3e-5, beta=0.02, rloo_k=4),
          "dpo": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=384),
          "dpo_edits": dict(dpo_lr=2e-5, beta_dpo=0.1, dpo_steps=192)}
-SHOWN_PPO, SHOWN_DPO = ["ppo_iters", "ppo_lr", "lam", "beta", "rloo_k"], ["dpo_steps", "dpo_lr", "beta_dpo"]  # settings_table
+SHOWN_PPO, SHOWN_DPO = ["ppo_iters", "ppo_lr", "lam", "beta", "rloo_k", "seq_weight"], ["dpo_steps", "dpo_lr", "beta_dpo"]  # settings_table
 CHOICES = {"device": ["auto", "cpu", "cuda", "mps"], "rm_scheme": list(reward.SCHEMES)}
 MINIMUM = {"seed": None, "warmup": 0, "vf_warmup": 0, "stop_after": 0, "n_judge": 2, "jobs": 0, "threads": 0,
            "rloo_k": 2, "dpo_steps": 0}  # other ints: >= 1
@@ -145,13 +147,13 @@ def settings_table(rows):
         algo = reward.METHODS[m].algo
         if algo == "dpo":
             return k in SHOWN_DPO
-        return k in SHOWN_PPO and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")
+        return (k in SHOWN_PPO and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")
+                and (k != "seq_weight" or "+" in reward.METHODS[m].reward))
     keys = [k for k in SHOWN_PPO + SHOWN_DPO if any(used(m, k) for m in rows)]
     lines = ["| method | algorithm | learns from | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 3) + "|"]
     for m, r in rows.items():
         method = reward.METHODS[m]
-        source = f"{method.reward} RM" if method.reward in ("seq", "token", "seq_edits") else method.reward or (
-            f"{method.better} > rejected")
+        source = " + ".join(f"{r} RM" for r in method.rms) or method.reward or f"{method.better} > rejected"
         cells = [f"{r[k]:g}" if used(m, k) else "-" for k in keys]
         lines.append(f"| {m} | {method.algo} | {source}{', dense' if method.dense else ''} | " + " | ".join(cells) + " |")
     return lines

@@ -234,7 +234,7 @@ def rm_metrics(rms, norms, samples, val, world, chat, scheme, seed, device):
     metrics = {}
     for name, rm in rms.items():
         def score(prompts, texts):  # what PPO sees, one number per response
-            return reward.centred_scores(rm, norms[name], chat, prompts, texts, device)
+            return [x - norms[name]["center"] for x in reward.response_scores(rm, chat, prompts, texts, device)]
         hi = score(vp, [r["chosen"] for r in val])
         lo = score(vp, [r["rejected"] for r in val])
         m = metrics[name] = {"pairwise_acc": sum(h > l for h, l in zip(hi, lo)) / len(val)}

@@ -58,6 +58,7 @@ class PPOConfig:
     ppo_grad_clip: float = 1.0  # max gradient norm, of the policy and of the critic each
     temperature: float = 1.0    # the same in rollout, reference and training passes
     trunc_penalty: float = -1.0  # added at the last token of a response cut at the length limit
+    seq_weight: float = 1.0     # fg_ppo_seq: the weight of ppo's task reward beside fg_ppo's (reward.py)
     rloo_k: int = 4             # rloo, rloo_fg: samples per prompt; rollout_batch / rloo_k prompts per iteration
 
 
@@ -264,8 +265,7 @@ def train(agent, ref, reward_fn, next_prompts, cfg, eot, pad, max_new_tokens, se
     save: write checkpoints. Stops after stop_after iterations (0: never). Returns the state."""
     net = agent if net is None else net
     opt = make_optimizer(agent, cfg)
-    # Everything random in a run is drawn from these three, saved in each checkpoint.
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # and all else random in a run is drawn from the three below, saved in each checkpoint
     gen = torch.Generator(device=agent.policy.lm_head.weight.device).manual_seed(seed)  # sampling
     cpu_gen = torch.Generator().manual_seed(seed)  # minibatch order
     rng = random.Random(seed)                      # prompts

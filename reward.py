@@ -8,13 +8,11 @@ Reward models, and the reward each RL method optimises.
     bad_vs_rest       2 classes, bad = the tokens the edit deletes or replaces, plus an omission
                       mark on the token where the answer departs from an edit that inserts text
                       (the eot when it appends); r_t = -p(bad). The default: an inserted correct
-                      token looks exactly like an unchanged one, so "good" is close to
-                      unlearnable (a prototype measured F1 ~ 0), and without the mark an omission
-                      leaves no token to blame.
+                      token looks like an unchanged one, so "good" is close to unlearnable (a
+                      prototype measured F1 ~ 0); without the mark an omission has no token to blame.
 - SeqRM: a scalar head read at the last response token (<|endoftext|>), trained with the
-  Bradley-Terry loss -log sigma(r_chosen - r_rejected) (Ouyang et al., 2022). On (chosen,
-  rejected) it is the standard RLHF baseline; on (edited, rejected) the ablation that sees the
-  edits but gives one number.
+  Bradley-Terry loss -log sigma(r_chosen - r_rejected) (Ouyang et al., 2022): on (chosen,
+  rejected) the standard RLHF baseline; on (edited, rejected) the edits as one number.
 
 The reward of RL, written once (ppo.py and the README point here). For a response y_1..y_n
 to a prompt x (y_n the eot, or the last token of an answer cut at max_new_tokens), every
@@ -29,11 +27,14 @@ where u_t is the method's unnormalised reward (METHODS):
     final  (ppo, ppo_edits, rloo)   u_t = [t = n] * the sequence RM's score of (x, y)
     oracle (oracle_ppo, oracle_fg)  the gold judge's score at n, or its verdicts at the tokens
                                     that decide them (gold_rewards)
+    both   (fg_ppo_seq)             u_t = fg_ppo's task reward + seq_weight * ppo's: the blame, and
+                                    pay for a complete answer once, at n (no pay for length)
 and c, s are the mean and standard deviation of sum_t u_t over the SFT samples (fit_norm): a
 response's summed task reward is (sum_t u_t - c) / s, mean 0 and std 1 on SFT answers for
 every method. The centre c is taken once per response, at its last token, never per token: a
-per-token centre would pay for length. `reward_fn` computes the task reward; the KL penalty
-and the truncation term are added by ppo.rollout.
+per-token centre c < 0 would pay |c| for every token, so padding an answer with harmless text
+would raise its reward, a length bonus that the sequence methods do not get. `reward_fn`
+computes the task reward; the KL penalty and the truncation term are added by ppo.rollout.
 
 Labels use -1 for "ignore" (prompt, padding), as nanoGPT's targets do. Run as stage 3 of
 `python train.py`; tests/test_reward.py checks it.
@@ -53,7 +54,6 @@ from tqdm import tqdm
 import data
 import diff_labels
 import tokenizer as tok
-from data import save_atomic
 from model import GPT, GPTConfig, autocast
 
 
@@ -79,7 +79,6 @@ def last_index(mask):
 
 
 class TokenRM(nn.Module):
-
     def __init__(self, gpt, scheme="bad_vs_rest"):
         super().__init__()
         assert scheme in SCHEMES, f"rm_scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}"
@@ -99,7 +98,6 @@ class TokenRM(nn.Module):
 
 
 class SeqRM(nn.Module):
-
     def __init__(self, gpt):
         super().__init__()
         self.gpt = gpt
@@ -219,8 +217,8 @@ def train_seq_rm(chat, sft_path, pairs, better, rmc, seed, device, desc, wrap=la
 
 def save_rm(rm, norm, path):
     scheme = rm.scheme if isinstance(rm, TokenRM) else ""
-    save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config), "norm": norm,
-                 "scheme": scheme}, path)
+    data.save_atomic({"model": rm.state_dict(), "model_args": dataclasses.asdict(rm.gpt.config), "norm": norm,
+                      "scheme": scheme}, path)
 
 
 def load_rm(path, device):
@@ -249,19 +247,10 @@ def response_scores(rm, chat, prompts, responses, device, batch=128):
     return out
 
 
-def centred_scores(rm, norm, chat, prompts, responses, device):
-    """What PPO sees of a response, one number, before scaling: its summed reward (the
-    sequence RM's score, or the token RM's rewards summed) minus the centre (see fit_norm)."""
-    return [x - norm["center"] for x in response_scores(rm, chat, prompts, responses, device)]
-
-
 def fit_norm(sums):
-    """The reward scale of a method, fitted on each SFT sample's summed raw reward so that
-    every method starts on equal footing: centre = mean, scale = std of the sums. The same
-    rule for a final score and for dense token rewards, and the centre is subtracted once
-    per response (at its last token, see normalise), never per token: a per-token centre
-    c < 0 would pay |c| for every token, so padding an answer with harmless text would
-    raise its reward, a length bonus that the sequence methods do not get."""
+    """A method's reward scale, fitted on each SFT sample's summed raw reward so that every
+    method starts on equal footing: centre = mean, scale = std of the sums. The centre is paid
+    once per response (normalise), never per token: the module docstring says why."""
     sums = torch.as_tensor(sums, dtype=torch.float)
     return {"center": sums.mean().item(), "scale": sums.std().item()}
 
@@ -279,18 +268,23 @@ def normalise(r, resp_mask, norm):
 class Method(NamedTuple):
     """What a --methods name means: the loop that trains the policy and what it learns from."""
     algo: str          # ppo (clipped PPO with a critic) | rloo (the same clipped loss, no critic) | dpo (no RL)
-    reward: str = ""   # ppo, rloo: the reward source, an RM of rm/seed*/ (seq, token, seq_edits) or the judge
+    reward: str = ""   # ppo, rloo: an RM of rm/seed*/ (seq, token, seq_edits; two joined by +) or the judge
     dense: bool = False  # ppo, rloo: the reward on every response token, or one score at the eot
     better: str = ""   # dpo: the field of a pair that DPO prefers to "rejected" (chosen or edited)
 
     @property
+    def rms(self):  # the reward models it reads
+        return [r for r in self.reward.split("+") if r in ("seq", "token", "seq_edits")]
+
+    @property
     def needs_edits(self):
-        return self.reward in ("token", "seq_edits") or self.better == "edited"
+        return bool({"token", "seq_edits"} & set(self.rms)) or self.better == "edited"
 
 
 METHODS = {
     "ppo": Method("ppo", "seq"),                 # sequence RM on (chosen > rejected), at the eot
     "fg_ppo": Method("ppo", "token", True),      # token RM on the edits, on every response token
+    "fg_ppo_seq": Method("ppo", "token+seq", True),  # fg_ppo's blame + seq_weight x ppo's score at the eot
     "ppo_edits": Method("ppo", "seq_edits"),     # sequence RM on (edited > rejected): same data, one number
     "oracle_ppo": Method("ppo", "judge"),        # gold judge score at the end (control, beyond the paper)
     "oracle_fg": Method("ppo", "judge", True),   # the same judge score, paid where each verdict is decided
@@ -324,22 +318,30 @@ def gold_rewards(chat, idx, real, resp_mask, dense):
     return out
 
 
-def reward_fn(method, rm_dir, chat, samples, device):
+def reward_fn(method, rm_dir, chat, samples, device, seq_weight=1.0):
     """(idx, real, resp_mask) -> (B, T) task rewards of a method: (u_t - c * [t = n]) / s of the
     module docstring, with c and s fitted on the SFT samples {"prompts", "responses"}."""
     source, dense = METHODS[method].reward, METHODS[method].dense
     if source in ("seq", "token", "seq_edits"):
         rm, norm = load_rm(os.path.join(rm_dir, f"{source}.pt"), device)
-        if dense:
-            unnormalised = rm.token_rewards
+
+        def unnormalised(idx, real, resp_mask):  # dense: the token RM's r_t; final: the score at the eot
+            return (rm.token_rewards(idx, real, resp_mask) if dense
+                    else final_token_rewards(rm(idx, real), resp_mask.float()))
+    else:  # the judge, or two RMs' task rewards added: c and s fitted here, on the SFT samples
+        if source == "token+seq":
+            blame, score = (reward_fn(m, rm_dir, chat, samples, device) for m in ("fg_ppo", "ppo"))
+
+            def unnormalised(idx, real, resp_mask):
+                return blame(idx, real, resp_mask) + seq_weight * score(idx, real, resp_mask)
         else:
             def unnormalised(idx, real, resp_mask):
-                return final_token_rewards(rm(idx, real), resp_mask.float())
-    else:
-        def unnormalised(idx, real, resp_mask):
-            return gold_rewards(chat, idx, real, resp_mask, dense)
-        idx, real = chat.batch(samples["prompts"], samples["responses"], device)
-        norm = fit_norm(unnormalised(idx, real, chat.response_mask(idx, real)).sum(1))  # as for the RMs
+                return gold_rewards(chat, idx, real, resp_mask, dense)
+        with torch.no_grad():
+            batches = [chat.batch(samples["prompts"][i:i + 128], samples["responses"][i:i + 128], device)
+                       for i in range(0, len(samples["prompts"]), 128)]
+            norm = fit_norm(torch.cat([unnormalised(idx, real, chat.response_mask(idx, real)).sum(1)
+                                       for idx, real in batches]))
 
     def fn(idx, real, resp_mask):
         with autocast(device):

@@ -170,7 +170,7 @@ def stage_rl(cfg, world, chat, pc, method, seed, device):
     agent = ppo.ActorCritic(GPT.from_checkpoint(sft_path, device), critic=algo == "ppo",
                             temperature=pc.temperature).to(device)
     samples = json.load(open(os.path.join(cfg.out, "sft", "samples.json")))
-    reward_fn = reward.reward_fn(method, rm_dir(cfg, seed), chat, samples, device)
+    reward_fn = reward.reward_fn(method, rm_dir(cfg, seed), chat, samples, device, pc.seq_weight)
     k = pc.rloo_k if algo == "rloo" else 1
 
     def next_prompts(rng, gen):  # the same draw on every rank, then this rank's share, each k times in a row
@@ -248,7 +248,7 @@ def prepare(cfgs, settings, force, preset):
           + (f" | torchrun: {dist.world_size} processes" if dist.ddp else ""))
     print("\n".join(settings_table({m: dataclasses.asdict(settings[m]) for m in methods})))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    rm_names = [n for n in RM_NAMES if n in {reward.METHODS[m].reward for m in methods}]
+    rm_names = [n for n in RM_NAMES if any(n in reward.METHODS[m].rms for m in methods)]
     timing = {}
 
     def timed(name, f, *args):
@@ -288,11 +288,11 @@ def tasks(ctxs, policies=True):
             for n, path in models.items():
                 rms[path] = stage_rm, (c.cfg, c.chat, c.rmc, s, n, c.device), []
             for m in c.methods:
-                algo, rm = reward.METHODS[m].algo, reward.METHODS[m].reward
+                algo, reads = reward.METHODS[m].algo, reward.METHODS[m].rms
                 runs[policy_path(c.cfg, m, s)] = (
                     (stage_dpo, (c.cfg, c.world, c.chat, c.settings[m], c.settings["ppo"], m, s, c.device), [])
                     if algo == "dpo" else (stage_rl, (c.cfg, c.world, c.chat, c.settings[m], m, s, c.device),
-                          [models[rm]] if rm in models else []))  # the oracle methods' judge is no task
+                          [models[n] for n in reads]))  # after its RMs (the oracles' judge is no task)
             if models:
                 diagnostics[os.path.join(rm_dir(c.cfg, s), "metrics.json")] = (
                     dist.on_master, (stage_rm_metrics, c.cfg, c.world, c.chat, c.rmc, s, c.rm_names, c.device),

@@ -204,6 +204,35 @@ def test_oracle_ppo_reward_sits_on_the_eot_standardised(chat):
     torch.testing.assert_close(r[:, eot_col], (scores - scores.mean()) / scores.std(), atol=1e-5, rtol=0)
 
 
+def test_fg_ppo_seq_adds_ppos_score_at_the_eot_and_pays_nothing_for_length(chat, tmp_path):
+    """fg_ppo_seq = (fg_ppo's task reward + w * ppo's) / s, s refitted so that its sums over the
+    SFT samples have mean 0 and std 1 again: on every token but the eot it is fg_ppo's blame
+    (<= 0) over s, so no token is paid for being there (padding an answer earns nothing), and
+    the eot carries ppo's score, weighted. w = 0 gives fg_ppo's reward."""
+    torch.manual_seed(0)
+    samples = samples_for_norm(40)
+    for name, rm in (("token", reward.TokenRM(tiny(vocab_size=chat.enc.n_vocab, block_size=160))),
+                     ("seq", reward.SeqRM(tiny(vocab_size=chat.enc.n_vocab, block_size=160)))):
+        rm.eval()
+        with torch.no_grad():
+            rm.head.bias.add_(0.3)  # a SeqRM's score off 0, a TokenRM's p(bad) off 1/2
+        scores = reward.response_scores(rm, chat, samples["prompts"], samples["responses"], "cpu")
+        reward.save_rm(rm, reward.fit_norm(scores), str(tmp_path / f"{name}.pt"))
+    fg, ppo = (reward.reward_fn(m, str(tmp_path), chat, samples, "cpu") for m in ("fg_ppo", "ppo"))
+    idx, real = chat.batch(samples["prompts"], samples["responses"])
+    resp = chat.response_mask(idx, real)
+    for w in (0.0, 0.5, 2.0):
+        both = reward.reward_fn("fg_ppo_seq", str(tmp_path), chat, samples, "cpu", seq_weight=w)(idx, real, resp)
+        sums = both.sum(1)
+        assert sums.mean().item() == pytest.approx(0.0, abs=1e-5) and sums.std().item() == pytest.approx(1.0, abs=1e-5)
+        unscaled = fg(idx, real, resp) + w * ppo(idx, real, resp)
+        s = unscaled.sum(1).std()
+        torch.testing.assert_close(both, unscaled / s, atol=1e-5, rtol=0)  # the centre: 0, as each part's
+        assert (both[:, :-1] <= 0).all() and (both[~resp] == 0).all()  # left padding: the eot is the last column
+        if w == 0:
+            torch.testing.assert_close(both, fg(idx, real, resp), atol=1e-5, rtol=0)
+
+
 # -----------------------------------------------------------------------------
 # Micro-batches cut by length give the whole batch's gradient
 
