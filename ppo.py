@@ -156,10 +156,10 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)  # pessimistic bound
-    with torch.no_grad():
-        stats = {"pg_loss": pg_loss.item(),
-                 "approx_kl": masked_mean((ratio - 1) - logratio, mask).item(),  # k3, Schulman 2020
-                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask).item()}
+    with torch.no_grad():  # 0-d tensors, kept on the device: update reads them once per rollout
+        stats = {"pg_loss": pg_loss.detach(),
+                 "approx_kl": masked_mean((ratio - 1) - logratio, mask),  # k3, Schulman 2020
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)}
     return pg_loss, stats
 
 
@@ -173,7 +173,7 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, clip
     """Clipped policy loss and clipped value loss over valid tokens, with CleanRL's stats."""
     (pg_loss, stats), v_loss = policy_loss(logp, old_logp, advantages, mask, clip_eps), value_loss(
         values, old_values, returns, mask, clip_vf)
-    return pg_loss, v_loss, {**stats, "v_loss": v_loss.item()}
+    return pg_loss, v_loss, {**stats, "v_loss": v_loss.detach()}
 
 
 def explained_variance(returns, values, mask):
@@ -213,7 +213,7 @@ def minibatches(B, cfg, generator):
 
 def update(net, opt, b, cfg, generator):
     """Epochs of clipped minibatch steps on rollout b: PPO's policy and value losses, or without a
-    critic RLOO's policy loss alone. Returns the mean stats of the last epoch."""
+    critic RLOO's policy loss alone. Returns the last epoch's mean stats, floats read in one sync."""
     net.eval()  # dropout stays off: the ratio must be exactly 1 before the first step
     n_mb, stats = -(-b["idx"].size(0) // cfg.minibatch), []
     for mb in minibatches(b["idx"].size(0), cfg, generator):
@@ -226,8 +226,9 @@ def update(net, opt, b, cfg, generator):
                                           b["returns"][mb], mb_mask, cfg.clip_eps, cfg.clip_vf)
             loss = pg_loss + v_loss
         step(opt, loss, cfg.ppo_grad_clip)
-        stats.append({**s, "entropy": masked_mean(ent, mb_mask).item()})
-    return {k: sum(s[k] for s in stats[-n_mb:]) / n_mb for k in stats[0]}
+        stats.append({**s, "entropy": masked_mean(ent, mb_mask)})
+    means = torch.stack([torch.stack(list(s.values())) for s in stats[-n_mb:]]).mean(0)  # (n_stats,)
+    return dict(zip(stats[0], means.tolist()))
 
 
 def warm_up_critic(net, opt, b, cfg, generator):
@@ -315,13 +316,12 @@ def log(state, it, b, stats, name, curve_now, curve_point, t_start, t_update):
     """Iteration it's row of the log (per response the mean summed task reward, KL, length and
     truncation; update's stats; seconds per part), a learning-curve point if curve_now, a log line."""
     t0, mask = time.perf_counter(), b["resp_mask"]
-    times = {"t_rollout": t_update - t_start, "t_update": t0 - t_update}
     state["curve"] += [curve_point(it)] if curve_now else []
     row = {"iter": it, "reward": b["task_rewards"].sum(1).mean().item(),
            "kl": torch.where(mask.bool(), b["logp"] - b["ref_logp"], 0.0).sum(1).mean().item(),
            "length": mask.sum(1).mean().item(), "truncated": b["truncated"].float().mean().item(), **stats,
            **({"explained_var": explained_variance(b["returns"], b["values"], mask)} if "returns" in b else {}),
-           **times, "t_curve": time.perf_counter() - t0}
+           "t_rollout": t_update - t_start, "t_update": t0 - t_update, "t_curve": time.perf_counter() - t0}
     state["log"].append(row)
     state["iter"] = it
     tqdm.write(f"{name} iter {it} | reward {row['reward']:.3f} | kl {row['kl']:.3f} | clipfrac {row['clipfrac']:.3f} | "

@@ -160,12 +160,11 @@ def token_batch(chat, examples, device):
 # Training: every RM gets rm_steps AdamW steps, whatever the number of pairs.
 
 def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
-    """rm_steps AdamW steps on random batches of rm_batch pairs. loss_of(pair indices) ->
-    (summed loss, count) of a micro-batch: the batch is cut into micro-batches of similar
-    lengths (lengths[i]: tokens of pair i's longer sequence; tok.split_by_length), and the
-    step's loss is their summed losses over their summed counts, as for the whole batch at
-    once. A non-finite loss raises FloatingPointError before anything is saved. Under torchrun
-    (train.py) each process draws its own batches of its share of rm_batch."""
+    """rm_steps AdamW steps on random batches of rm_batch pairs. loss_of(pair indices) -> (summed
+    loss, count) of a micro-batch of similar lengths (lengths[i]: tokens of pair i's longer
+    sequence; tok.split_by_length); the step's loss is their summed losses over their summed
+    counts, as for the whole batch at once. A non-finite loss raises FloatingPointError before
+    anything is saved. Under torchrun each process draws its own batches of its share of rm_batch."""
     g, n = random.Random(seed), len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=rmc.rm_lr, weight_decay=0.0)
     model.train()
@@ -178,13 +177,14 @@ def train_rm(model, loss_of, lengths, rmc, desc, seed, device):
             sums, counts = zip(*(loss_of([batch[i] for i in run])
                                  for run in tok.split_by_length([lengths[i] for i in batch])))
             loss = sum(sums) / sum(counts)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+        if it % 10 == 0 or it + 1 == rmc.rm_steps:  # the host reads the loss (a sync on a GPU) every 10 steps
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc} stopped at step {it}: loss is {loss.item()}; no checkpoint written")
+            pbar.set_postfix(loss=f"{loss.item():.4f}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        pbar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval()
 
 

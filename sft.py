@@ -90,7 +90,7 @@ def stage_sft(cfg, world, chat, device):
         model.train()
         return sum(losses) / len(losses)
 
-    g = random.Random(cfg.seed)
+    g, t_train = random.Random(cfg.seed), time.time()
     real_tokens = padded = 0
     model.train()
     pbar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
@@ -105,16 +105,18 @@ def stage_sft(cfg, world, chat, device):
             loss, n_real, n_pad = sft_loss(ddp_model, dist.shard(batch), chat.pad, device, n_targets=n_targets)
         real_tokens, padded = real_tokens + n_real, padded + n_pad
         loss_all = dist.all_reduce_sum(loss.detach()) / dist.world_size  # the batch's loss: same on every rank
-        if not torch.isfinite(loss_all):
-            sys.exit(f"error: sft stopped at step {it}: loss is {loss_all.item()}; no checkpoint written")
+        if it % 10 == 0 or it + 1 == cfg.sft_steps:  # the host reads the loss (a sync on a GPU) every 10 steps
+            if not torch.isfinite(loss_all):
+                sys.exit(f"error: sft stopped at step {it}: loss is {loss_all.item()}; no checkpoint written")
+            pbar.set_postfix(loss=f"{loss_all.item():.3f}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        pbar.set_postfix(loss=f"{loss_all.item():.3f}")
         if (it + 1) % max(cfg.sft_steps // 4, 1) == 0 or it + 1 == cfg.sft_steps:
             tqdm.write(f"sft step {it + 1} | train loss {loss_all.item():.4f} | val loss {val_loss():.4f}")
     real_tokens, padded = dist.all_reduce_sum(torch.tensor([real_tokens, padded])).tolist()  # of all ranks
+    train_s = time.time() - t_train
     if not dist.master:  # rank 0 samples, judges and saves; the others wait at the stage's barrier
         return
 
@@ -124,7 +126,8 @@ def stage_sft(cfg, world, chat, device):
     prompts = [world.sample_prompt(rng) for _ in range(cfg.n_judge)]
     samples = chat.sample(model, prompts, gen)
     data.write_json({"prompts": prompts, "responses": samples}, os.path.join(cfg.out, "sft", "samples.json"))
-    metrics = {"val_loss": val_loss(), "time_s": time.time() - t0, "pad_fraction": padded / (padded + real_tokens)}
+    metrics = {"val_loss": val_loss(), "time_s": time.time() - t0, "train_s": train_s, "real_tokens": real_tokens,
+               "pad_fraction": padded / (padded + real_tokens)}
     if world.gold:
         metrics["samples"] = data.error_rates(prompts, samples)
         metrics["corpus"] = data.error_rates([p for p, _ in corpus[:2000]], [r for _, r in corpus[:2000]])

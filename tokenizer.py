@@ -147,7 +147,8 @@ def save_gpt2_files(ranks: dict[bytes, int], path: str) -> None:
     """The inverse of gpt2_ranks: vocab.json and merges.txt of ranks, each merge the two parts
     that the tokens made before it leave of the merged token, and our specials after
     <|endoftext|> as added tokens (added_tokens.json, special_tokens_map.json)."""
-    spell = lambda b: "".join(bytes_to_unicode()[x] for x in b)
+    table = bytes_to_unicode()  # once: built per byte, it made a 50,257-token export take minutes
+    spell = lambda b: "".join(table[x] for x in b)
     vocab, merges, made = {spell(t): r for t, r in ranks.items()} | {"<|endoftext|>": len(ranks)}, [], {}
     for t, r in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(t) > 1:

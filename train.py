@@ -41,7 +41,7 @@ from config import SECTIONS, Config, parse_args, prepare_out, settings_table, sw
 from data import save_atomic
 from machinery import distributed as dist
 from machinery.batching import ByLength, micro_batched
-from machinery.devices import pick_device
+from machinery.devices import pick_device, record_peaks
 from machinery.report import report as write_report, sweep_report
 from machinery.workers import parallel, processes
 from model import GPT, gpt2_files
@@ -75,10 +75,9 @@ def stage_prefs(cfg, world, chat, device):
     stats = {"pairs": len(records), "ties_dropped": ties, **evaluation.label_stats(chat.enc, records)}
     data.write_json(stats, os.path.join(cfg.out, "prefs", "stats.json"))
     data.write_jsonl(path, records)
-    f = stats["label_fraction"]
-    print(f"prefs: {len(records)} pairs | {ties} ties dropped | labels -1 {f['-1']:.3f} 0 {f['0']:.3f} "
-          f"+1 {f['+1']:.3f} | edit distance {stats['mean_edit_distance_tokens']:.1f} of "
-          f"{stats['mean_response_tokens']:.1f} tokens")
+    labels = " ".join(f"{k} {v:.3f}" for k, v in stats["label_fraction"].items())
+    print(f"prefs: {len(records)} pairs | {ties} ties dropped | labels {labels} | edit distance "
+          f"{stats['mean_edit_distance_tokens']:.1f} of {stats['mean_response_tokens']:.1f} tokens")
 
 
 def stage_judge(cfg, world, chat, rmc, device):
@@ -249,13 +248,14 @@ def prepare(cfgs, settings, force, preset):
     print("\n".join(settings_table({m: dataclasses.asdict(settings[m]) for m in methods})))
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     rm_names = [n for n in RM_NAMES if any(n in reward.METHODS[m].rms for m in methods)]
-    timing = {}
+    timing, peaks = {}, {}
 
     def timed(name, f, *args):
         t0 = time.time()
         result = f(*args)
         dist.barrier()  # torchrun: the next stage starts on every rank when rank 0 has written this one's files
         timing[name] = timing.get(name, 0.0) + time.time() - t0
+        record_peaks(peaks, name, result if name == "rm_policies" else {}, cfg.out)  # on a GPU: peak memory
         return result
 
     # Every rank runs every stage, in the same order: the training ones data parallel, and
@@ -272,7 +272,7 @@ def prepare(cfgs, settings, force, preset):
           os.path.join(cfg.out, "sft", "model.pt"), cfg, device)  # before the policy runs, which all read it
     return SimpleNamespace(cfg=cfg, rmc=rmc, settings=settings, world=world, chat=chat, config=config, seeds=seeds,
                            methods=methods, rm_names=rm_names, device=device, jobs=jobs, threads=threads,
-                           job_threads=job_threads, timing=timing, timed=timed)
+                           job_threads=job_threads, timing=timing, peaks=peaks, timed=timed)
 
 
 def tasks(ctxs, policies=True):
@@ -301,7 +301,8 @@ def tasks(ctxs, policies=True):
 
 
 def report(c):
-    processes = {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads, "world_size": dist.world_size}
+    processes = {"jobs": c.jobs, "threads": c.threads, "threads_per_job": c.job_threads, "world_size": dist.world_size,
+                 **({"peak_cuda_gib": c.peaks} if c.peaks else {})}
     c.timed("report", dist.on_master, write_report, c.cfg, c.world, c.chat, c.config, c.seeds, c.methods,
             c.timing, processes, c.device)
 

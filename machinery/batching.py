@@ -24,15 +24,17 @@ def by_length(f, idx, real, *rows, max_parts=4):
     cut to its longest row. f returns a (b, t, ...) tensor or a tuple of them (None passes
     through); the result is (B, T, ...) in the batch's row order, 0 in the columns a
     micro-batch did not reach."""
-    assert bool(real[:, -1].all()), "by_length reads rows padded on the left (tokenizer.pad_first)"
-    T, lengths = idx.size(1), real.sum(1).tolist()
-    runs = split_by_length(lengths, max_parts)
-    outs = []
+    *lengths, left = torch.cat([real.sum(1), real[:, -1].all().long().view(1)]).tolist()  # the one host read
+    assert left, "by_length reads rows padded on the left (tokenizer.pad_first)"
+    T, runs = idx.size(1), split_by_length(lengths, max_parts)
+    order = torch.tensor([i for run in runs for i in run], device=idx.device)  # one copy to the device
+    outs, start = [], 0
     for run in runs:
-        n, r = max(lengths[i] for i in run), torch.tensor(run, device=idx.device)
+        n, r = max(lengths[i] for i in run), order[start:start + len(run)]
         out = f(idx[r, -n:], real[r, -n:], *(x[r, -n:] for x in rows))
         outs.append(out if isinstance(out, tuple) else (out,))
-    back = torch.argsort(torch.tensor([i for run in runs for i in run], device=idx.device))  # sorted -> batch order
+        start += len(run)
+    back = torch.argsort(order)  # sorted -> batch order
 
     def join(parts):  # (b, n, ...) per run -> (B, T, ...): padded back on the left, rows put back
         if parts[0] is None:

@@ -3,6 +3,7 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
 
     python -m machinery.bench                   # model figures at the default config
     python -m machinery.bench --pipeline=tiny   # also the whole pipeline of a preset: per stage, per PPO part
+    python -m machinery.bench --preset=gpu --device=cpu   # a preset's model (default: default), on a device
 
 - matmul_gflops_1_thread / _all_threads: this machine's fp32 matmul peak (2048 x 2048)
 - sft_step_*: one SFT step (forward + backward + AdamW) of the default model on random
@@ -35,15 +36,17 @@ import torch
 
 import data
 import tokenizer as tok
-from config import Config
+from config import PRESETS, Config
 from model import GPT, GPTConfig
 from sft import sft_example, sft_loss
 from machinery.workers import processes
 
-cfg = Config()
-device = "cuda" if torch.cuda.is_available() else "cpu"
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+cfg = Config(**{k: v for k, v in PRESETS[flags.get("preset", "default")].items() if k in Config.__dataclass_fields__})
+device = flags.get("device", "cuda" if torch.cuda.is_available() else "cpu")
 jobs, threads, job_threads = processes(cfg, device)
-out = {"device": device, "threads": threads, "threads_per_job": job_threads, "jobs": jobs}
+out = {"device": device, "preset": flags.get("preset", "default"), "threads": threads, "threads_per_job": job_threads,
+       "jobs": jobs}
 
 
 def timeit(f, reps):
@@ -102,7 +105,7 @@ for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
         T = positions / 64  # mean padded length, for the attention term
         flops = real * (6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * T)  # attention: 6 * 2 * L * C * T
         out[f"sft_step_{'split' if split else 'padded'}_{name}"] = {
-            "s": dt, "pad_fraction": 1 - real / positions, "real_gflops": flops / dt / 1e9,
+            "s": dt, "real_tokens_per_s": real / dt, "pad_fraction": 1 - real / positions, "real_gflops": flops / dt / 1e9,
             "of_matmul_peak": flops / dt / 1e9 / out[f"matmul_gflops_{name}"]}
 
 # Generation with and without the KV cache (eot = -1 never matches: all 128 tokens are made),
@@ -199,29 +202,28 @@ out["host_syncs"] = syncs
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # Optionally: the whole pipeline of a preset, wall-clock per stage and per PPO part (from its results.json)
-for a in sys.argv[1:]:
-    if a.startswith("--pipeline="):
-        preset = a.split("=", 1)[1]
-        with tempfile.TemporaryDirectory() as d:
-            t0, peak = time.time(), [{}, {}]  # the moments of the largest resident and proportional sums
-            proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            while proc.poll() is None:
-                now = memory_mb(proc.pid)
-                peak = [max(peak[i], now, key=lambda sizes: sum(v[i] for v in sizes.values())) for i in (0, 1)]
-                time.sleep(0.5)
-            assert proc.returncode == 0, f"train.py --preset={preset} failed"
-            res = json.load(open(os.path.join(d, "results.json")))
-            run = {"wall_s": time.time() - t0}
-            for i, kind in enumerate(("rss", "pss")):  # each peak's sum, and where it was: the main process,
-                sizes = {p: v[i] for p, v in peak[i].items()}  # then the others (workers), largest first
-                run[f"peak_{kind}_mb_all_processes"] = sum(sizes.values())
-                run[f"peak_{kind}_mb_by_process"] = [sizes.pop(proc.pid, 0.0)] + sorted(sizes.values(), reverse=True)
-            out[f"pipeline_{preset}"] = {**run,
-                                         **res["processes"], **res["timing_s"],
-                                         "sft": json.load(open(os.path.join(d, "sft", "metrics.json"))),
-                                         "reward_models": res["reward_models"],
-                                         "win_rates": {m: r.get("win_rate") for m, r in res["methods"].items()}}
+if "pipeline" in flags:
+    preset = flags["pipeline"]
+    with tempfile.TemporaryDirectory() as d:
+        t0, peak = time.time(), [{}, {}]  # the moments of the largest resident and proportional sums
+        proc = subprocess.Popen([sys.executable, "train.py", f"--preset={preset}", f"--out={d}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        while proc.poll() is None:
+            now = memory_mb(proc.pid)
+            peak = [max(peak[i], now, key=lambda sizes: sum(v[i] for v in sizes.values())) for i in (0, 1)]
+            time.sleep(0.5)
+        assert proc.returncode == 0, f"train.py --preset={preset} failed"
+        res = json.load(open(os.path.join(d, "results.json")))
+        run = {"wall_s": time.time() - t0}
+        for i, kind in enumerate(("rss", "pss")):  # each peak's sum, and where it was: the main process,
+            sizes = {p: v[i] for p, v in peak[i].items()}  # then the others (workers), largest first
+            run[f"peak_{kind}_mb_all_processes"] = sum(sizes.values())
+            run[f"peak_{kind}_mb_by_process"] = [sizes.pop(proc.pid, 0.0)] + sorted(sizes.values(), reverse=True)
+        out[f"pipeline_{preset}"] = {**run,
+                                     **res["processes"], **res["timing_s"],
+                                     "sft": json.load(open(os.path.join(d, "sft", "metrics.json"))),
+                                     "reward_models": res["reward_models"],
+                                     "win_rates": {m: r.get("win_rate") for m, r in res["methods"].items()}}
 
 print(json.dumps(out, indent=2))

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from machinery import distributed as dist
+from machinery.devices import cuda_peak_gib
 
 
 def processes(cfg, device):
@@ -68,15 +69,18 @@ def parallel(tasks, jobs, threads):
     --stop_after) stops them all with its message. A worker runs task after task: a fresh one
     per task (maxtasksperchild=1) would not start on the heap its last task left fragmented
     (80 MiB less at the default run's peak) but costs 2-4 s per task to start, a third more
-    time for the tiny preset's pool."""
+    time for the tiny preset's pool. Returns {name: peak GiB} of the tasks run in this process on
+    a GPU (cuda_peak_gib), else {}."""
     assert all(set(after) <= set(tasks) for _, _, after in tasks.values()), "a task waits for an unknown one"
     give_back_memory()  # what the stages before freed, before the workers add theirs
     if jobs == 1 or len(tasks) <= 1:
-        for stage, args, _ in tasks.values():  # the order given puts each task after those it waits for
+        peaks, _ = {}, cuda_peak_gib()
+        for name, (stage, args, _) in tasks.items():  # the order given puts each task after those it waits for
             stage(*args)
             dist.barrier()  # torchrun: rank 0 has saved what the next task may read
+            peaks[name] = cuda_peak_gib()
             give_back_memory()
-        return
+        return {name: gib for name, gib in peaks.items() if gib is not None}  # on a GPU: each task's peak memory
     done, waiting, finished = queue.SimpleQueue(), dict(tasks), set()
     with mp.get_context("spawn").Pool(min(jobs, len(tasks)), start_worker, (threads,)) as pool:
         while len(finished) < len(tasks):
@@ -91,3 +95,4 @@ def parallel(tasks, jobs, threads):
             finished.add(name)
         pool.close()
         pool.join()
+    return {}

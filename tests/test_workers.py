@@ -61,3 +61,17 @@ def test_an_exit_or_an_error_in_a_worker_stops_the_pool(tmp_path):
         parallel({"a": (fail, ("a bug",), []), "b": (time.sleep, (0.1,), [])}, 2, 1)
     with pytest.raises(AssertionError, match="unknown"):
         parallel({"a": (time.sleep, (0.1,), ["b"])}, 2, 1)
+
+
+def test_peak_memory_is_recorded_per_stage_and_per_pooled_task(monkeypatch):
+    """On a GPU each stage's peak memory is kept under its name, a pool's tasks under their
+    paths in the run folder, and the pool's own peak is its largest task's; off a GPU nothing."""
+    from machinery import devices
+    peaks = {}
+    monkeypatch.setattr(devices, "cuda_peak_gib", lambda: None)
+    devices.record_peaks(peaks, "sft", {}, "/o")
+    assert peaks == {} and parallel({"a": (note, ("/dev/null", "a"), [])}, 1, 1) == {}
+    monkeypatch.setattr(devices, "cuda_peak_gib", lambda: 0.5)
+    devices.record_peaks(peaks, "sft", {}, "/o")
+    devices.record_peaks(peaks, "rm_policies", {"/o/rm/seed1/token.pt": 1.5, "/o/policies/ppo_seed1.pt": 2.0}, "/o")
+    assert peaks == {"sft": 0.5, "rm_policies": 2.0, "rm/seed1/token.pt": 1.5, "policies/ppo_seed1.pt": 2.0}
