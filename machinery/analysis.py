@@ -7,6 +7,7 @@ rate: annotator noise). From the repository root:
     python -m machinery.analysis reward_hacking runs/frontier     # -> runs/frontier/reward_hacking.png
     python -m machinery.analysis annotator_noise runs/noise       # -> runs/noise/annotator_noise.png
     python -m machinery.analysis frontier runs/frontier runs/frontier_ppo   # win rate against KL, matched-KL pairs
+    python -m machinery.analysis budgets runs/fresh_* --tune runs/tune_*     # at equal KL budget, chosen on the tuning seed
     python -m machinery.analysis compare runs/abl_centre:fg_ppo runs/fair:fg_ppo   # two runs, paired
     python -m machinery.analysis runs runs/quick_*     # one command at several --seed: fg_ppo - ppo per run and over all
 """
@@ -233,16 +234,112 @@ def runs(folders, a="fg_ppo", b="ppo"):
     return lines
 
 
+def settings_points(folders):
+    """{(method, settings): {seed: its final evaluation}} of every finished policy run in folders
+    (runs or --sweep folders, finished or not): a point is named by the settings its method ran
+    with (config.SHOWN_PPO or SHOWN_DPO, from config.json), so the same point can be found in
+    the folders of the tuning seed and of the fresh seeds whatever their names."""
+    from config import SHOWN_DPO, SHOWN_PPO
+    out = {}
+    for folder in folders:
+        for d in run_points(folder).values():
+            cfg = json.load(open(os.path.join(d, "config.json")))
+            for path in sorted(glob.glob(os.path.join(d, "policies", "*.eval.json"))):
+                m, seed = os.path.basename(path).split(".")[0].rsplit("_seed", 1)
+                mine = {**cfg, **cfg["settings_by_method"].get(m, {})}
+                algo, keys = reward.METHODS[m].algo, SHOWN_DPO if reward.METHODS[m].algo == "dpo" else SHOWN_PPO[1:]
+                keys = [k for k in keys if k in mine and (k != "seq_weight" or "+" in reward.METHODS[m].reward)
+                        and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")]
+                out.setdefault((m, ", ".join(f"{k} {mine[k]:g}" for k in keys)), {})[int(seed)] = json.load(open(path))
+    return out
+
+
+def over_optimised(runs):
+    """(gold drop, proxy rise) of a point, mean over seeds: the judge's score of the learning
+    curve from its peak to the end, and the proxy reward (the log's, last 5 iterations) from
+    the curve's peak iteration to the end. Both > 0: the policy kept climbing its reward model
+    while the judge fell. (nan, nan) for DPO, which has no proxy."""
+    drops, rises = [], []
+    for r in runs:
+        if "reward" not in r["log"][-1]:
+            return float("nan"), float("nan")
+        peak = max(r["curve"], key=lambda p: p["judge_score"])
+        at = [x["reward"] for x in r["log"] if x["iter"] <= max(peak["iter"], 1)][-5:]
+        drops.append(peak["judge_score"] - r["curve"][-1]["judge_score"])
+        rises.append(mean([x["reward"] for x in r["log"][-5:]]) - mean(at))
+    return mean(drops), mean(rises)
+
+
+def budgets(path, fresh, tune, limits=(0.5, 1.0, 1.5), base="ppo"):
+    """The comparison at equal KL budget, chosen where it is not reported. For each budget and
+    method, the point with the best win rate on the tuning seed's folders (tune) among those
+    whose KL to SFT (kl_eval) is within the budget; that point on the fresh seeds (fresh), its
+    win rate [95% CI] and KL, and each method's point minus base's, paired over the fresh seeds
+    and prompts. Before it, every point of fresh: win rate, KL, wrong and missing facts, wrong
+    facts by third, over-optimisation; the figure (win rate against KL on the fresh seeds) at
+    path. Returns the printed lines."""
+    t, f = settings_points(tune), settings_points(fresh)
+    if len({open(os.path.join(os.path.dirname(os.path.dirname(p)), "eval", "refs.json")).read() for folder in fresh
+            for d in run_points(folder).values() for p in glob.glob(os.path.join(d, "policies", "*.eval.json"))}) > 1:
+        sys.exit("error: the fresh folders do not share one evaluation set; their win rates cannot be paired")
+    win = lambda runs: pooled([r["wins"] for r in runs.values()])
+    kl = lambda runs: mean([r["kl_eval"] for r in runs.values()])
+    lines = ["| method | settings | tuning seed: win (KL) | fresh seeds | win rate vs SFT [95% CI] | KL | wrong | missing | "
+             "wrong first / middle / last | gold drop / proxy rise |", "| --- " * 10 + "|"]
+    for (m, st), runs in sorted(f.items(), key=lambda kv: (list(reward.METHODS).index(kv[0][0]), kl(kv[1]))):
+        (w, ci), tr = win(runs), t.get((m, st))
+        rate = lambda k: mean([r["rates"][k] for r in runs.values()])
+        lines.append(f"| {m} | {st} | " + (f"{win(tr)[0]:.3f} ({kl(tr):.2f})" if tr else "-") + f" | {len(runs)} | "
+                     f"{w:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {kl(runs):.2f} | {rate('wrong'):.3f} | {rate('missing'):.3f} | "
+                     + " / ".join(f"{rate('wrong_' + k):.3f}" for k in ("first", "middle", "last"))
+                     + " | {:+.2f} / {:+.2f} |".format(*over_optimised(runs.values())))
+    lines += ["", f"At equal KL budget: each method's point chosen on the tuning seed (best win rate with KL <= "
+                  f"the budget), reported on the fresh seeds; differences against {base}, paired:", ""]
+    for limit in limits:
+        chosen = {}
+        for m in dict.fromkeys(m for m, _ in t):
+            ok = [(win(r)[0], st) for (mm, st), r in t.items() if mm == m and kl(r) <= limit]
+            if ok and (m, max(ok)[1]) in f:
+                chosen[m] = max(ok)[1]
+        lines.append(f"- KL <= {limit:g}: " + "; ".join(
+            f"{m} ({st}) {win(f[(m, st)])[0]:.3f} at KL {kl(f[(m, st)]):.2f}" for m, st in chosen.items()))
+        for m, st in chosen.items():
+            if m != base and base in chosen:
+                a, b = f[(m, st)], f[(base, chosen[base])]
+                seeds = sorted(a.keys() & b.keys())
+                d, ci = paired([a[s]["wins"] for s in seeds], [b[s]["wins"] for s in seeds])
+                lines.append(f"  - {m} - {base}: {d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] over {len(seeds)} seeds")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, m in enumerate(dict.fromkeys(m for m, _ in sorted(f, key=lambda k: list(reward.METHODS).index(k[0])))):
+        pts = sorted((kl(r), *win(r)) for (mm, _), r in f.items() if mm == m)
+        ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[[q[1] - q[2][0] for q in pts],
+                    [q[2][1] - q[1] for q in pts]], marker="o", capsize=3, color=f"C{i}", label=m)
+    for limit in limits:
+        ax.axvline(limit, color="grey", lw=0.5, ls=":")
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("KL to SFT per response (final policy, evaluation samples)")
+    ax.set_ylabel("win rate vs SFT (95% CI)")
+    ax.set_title(f"win rate / KL on the fresh seeds ({max(len(r) for r in f.values())} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close("all")
+    print("\n".join(lines))
+    return lines
+
+
 LABS = {"reward_hacking": plot_reward_hacking, "annotator_noise": plot_annotator_noise}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="A classroom lab's figure from finished run folders (docs/teaching.md).")
-    ap.add_argument("lab", choices=[*LABS, "frontier", "compare", "runs"])
+    ap.add_argument("lab", choices=[*LABS, "frontier", "budgets", "compare", "runs"])
     ap.add_argument("folder", nargs="+", help="a --sweep folder (reward_hacking also takes one run's folder; "
                                              "frontier takes several; compare two FOLDER:METHOD; runs the "
                                              "folders of one command at several --seed)")
     ap.add_argument("--out", help="where to write the figure (default: <first folder>/<lab>.png)")
     ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
+    ap.add_argument("--tune", nargs="+", default=[], help="budgets: the tuning seed's folders, which choose the points")
     args = ap.parse_args()
     out = args.out or os.path.join(args.folder[0], f"{args.lab}.png")
     if args.lab == "compare":
@@ -255,6 +352,8 @@ if __name__ == "__main__":
         sys.exit()
     if args.lab == "frontier":
         frontier(out, args.folder)
+    elif args.lab == "budgets":
+        budgets(out, args.folder, args.tune)
     else:
         LABS[args.lab](out, args.folder[0], args.only)
     print(out)

@@ -115,3 +115,49 @@ def test_runs_pairs_each_run_and_pools_the_runs(tmp_path):
     assert "| s1 | 1.000 | 0.000 | +1.000 [+1.000, +1.000] |" in lines[2]
     assert "| s2 | 0.500 | 0.500 | +0.000 [" in lines[3]
     assert lines[-1].startswith("fg_ppo - ppo over 2 runs: +0.500 [") and lines[-1].endswith("the CI of 1 of 2 runs alone excludes 0")
+
+
+def fake_settings_run(d, points, seeds, refs="same prompts"):
+    """A run folder (no results.json: a sweep point may be unfinished) with config.json and one
+    final evaluation per (method, seed): points {method: (settings, kl, wins per prompt by seed)}."""
+    os.makedirs(os.path.join(d, "eval"))
+    os.makedirs(os.path.join(d, "policies"))
+    open(os.path.join(d, "eval", "refs.json"), "w").write(refs)
+    flat = {"ppo_lr": 2e-5, "lam": 0.95, "beta": 0.05, "rloo_k": 4, "seq_weight": 1.0, "ppo_iters": 80,
+            "dpo_steps": 0, "dpo_lr": 1e-5, "beta_dpo": 0.1}
+    json.dump({**flat, "settings_by_method": {m: st for m, (st, _, _) in points.items()}},
+              open(os.path.join(d, "config.json"), "w"))
+    for m, (_, kl, wins) in points.items():
+        for s in seeds:
+            rates = {"wrong": 0.1, "missing": 0.05, "wrong_first": 0.1, "wrong_middle": 0.1, "wrong_last": 0.1}
+            curve = [{"iter": 0, "judge_score": 1.0}, {"iter": 2, "judge_score": 3.0}, {"iter": 4, "judge_score": 2.0}]
+            log = [{"iter": i, "reward": float(i)} for i in range(1, 5)]
+            json.dump({"wins": wins[s], "kl_eval": kl, "rates": rates, "curve": curve, "log": log},
+                      open(os.path.join(d, "policies", f"{m}_seed{s}.eval.json"), "w"))
+
+
+def test_budgets_choose_on_the_tuning_seed_and_pair_on_the_fresh_ones(tmp_path):
+    """Per KL budget each method's point is the tuning seed's best within it, even where another
+    point wins on the fresh seeds; the fresh seeds pair it with ppo's prompt by prompt (by hand);
+    a point is found by its settings whatever its folder's name."""
+    lo, hi = {"ppo_lr": 1e-5}, {"ppo_lr": 3e-5}
+    fake_settings_run(tmp_path / "tune" / "a", {"ppo": (lo, 0.4, {7: [1, 0]}), "fg_ppo": (lo, 0.45, {7: [0, 0]})}, [7])
+    fake_settings_run(tmp_path / "tune" / "b", {"ppo": (hi, 1.4, {7: [1, 1]}), "fg_ppo": (hi, 0.9, {7: [1, 1]})}, [7])
+    # on the fresh seeds fg_ppo's low-KL point is the better one; the budget still takes the tuning seed's choice
+    fake_settings_run(tmp_path / "x", {"ppo": (lo, 0.5, {1: [1, 0, 0, 0], 2: [0, 0, 1, 0]}),
+                                       "fg_ppo": (lo, 0.5, {1: [1, 1, 1, 1], 2: [1, 1, 1, 1]})}, [1, 2])
+    fake_settings_run(tmp_path / "y", {"ppo": (hi, 1.6, {1: [1, 1, 0, 0], 2: [1, 1, 1, 1]}),
+                                       "fg_ppo": (hi, 1.0, {1: [1, 1, 1, 0], 2: [1, 0, 0, 0]})}, [1, 2])
+    lines = analysis.budgets(str(tmp_path / "b.png"), [str(tmp_path / "x"), str(tmp_path / "y")],
+                             [str(tmp_path / "tune" / "a"), str(tmp_path / "tune" / "b")], limits=(0.5, 1.0, 1.5))
+    text = "\n".join(lines)
+    k05 = text.split("- KL <= 0.5:")[1].split("- KL <= 1:")[0]  # each method's only point within 0.5
+    assert "ppo (ppo_lr 1e-05, lam 0.95, beta 0.05) 0.250 at KL 0.50" in k05 and "fg_ppo - ppo: +0.750" in k05
+    # KL <= 1: fg_ppo at 3e-5 (it won on seed 7, though its 1e-5 point wins on the fresh seeds), ppo at
+    # 1e-5 (its 3e-5 point is over the budget): 0.5 - 0.25
+    k1 = text.split("- KL <= 1:")[1].split("- KL <= 1.5")[0]
+    assert "fg_ppo (ppo_lr 3e-05, lam 0.95, beta 0.05) 0.500 at KL 1.00" in k1 and "fg_ppo - ppo: +0.250" in k1
+    k15 = text.split("- KL <= 1.5:")[1]
+    assert "ppo (ppo_lr 3e-05, lam 0.95, beta 0.05) 0.750 at KL 1.60" in k15 and "fg_ppo - ppo: -0.250" in k15
+    # the judge's curve peaked at 3.0 (iteration 2) and ended at 2.0; the proxy's mean rose from 1.5 (up to it) to 2.5
+    assert text.count("| +1.00 / +1.00 |") == 4 and (tmp_path / "b.png").stat().st_size > 1000
