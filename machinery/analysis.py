@@ -160,24 +160,34 @@ def frontier(path, folders, kl_tol=0.1):
             d, ci = paired([wa[s] for s in seeds], [wb[s] for s in seeds])
             lines.append(f"- {a[1]} {a[0]} (KL {kl_a:.2f}) - {b[1]} {b[0]} (KL {kl_b:.2f}): "
                          f"{d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], {len(seeds)} seeds")
+    win_kl_figure(path, {m: [(kl, *pooled(list(wins.values())), p.split("/", 1)[1]) for (p, mm), (kl, wins) in runs.items()
+                             if mm == m] for m in dict.fromkeys(m for _, m in runs)}, "win rate / KL frontier")
+    print("\n".join(lines))
+    return lines
+
+
+def win_kl_figure(path, series, title, xlabel="KL to SFT per response", budgets=()):
+    """Win rate against SFT (95% CI) against KL, a line per method: series {method: [(KL, win
+    rate, CI, label or None)]}; dotted lines at the KL budgets."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, m in enumerate(dict.fromkeys(m for _, m in runs)):
-        pts = sorted((kl, *pooled(list(wins.values())), p) for (p, mm), (kl, wins) in runs.items() if mm == m)
+    for i, (m, pts) in enumerate(series.items()):
+        pts = sorted(pts, key=lambda q: q[0])
         ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[[q[1] - q[2][0] for q in pts], [q[2][1] - q[1] for q in pts]],
                     marker="o", capsize=3, color=f"C{i}", label=m)
-        for kl, w, _, p in pts:
-            ax.annotate(p.split("/", 1)[1], (kl, w), fontsize=6, xytext=(3, -9), textcoords="offset points")
+        for kl, w, _, label in pts:
+            if label:
+                ax.annotate(label, (kl, w), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    for limit in budgets:
+        ax.axvline(limit, color="grey", lw=0.5, ls=":")
     ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_xlabel("KL to SFT per response")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("win rate vs SFT (95% CI)")
-    ax.set_title("win rate / KL frontier")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close("all")
-    print("\n".join(lines))
-    return lines
 
 
 def compare(a, b):
@@ -309,22 +319,10 @@ def budgets(path, fresh, tune, limits=(0.5, 1.0, 1.5), base="ppo"):
                 seeds = sorted(a.keys() & b.keys())
                 d, ci = paired([a[s]["wins"] for s in seeds], [b[s]["wins"] for s in seeds])
                 lines.append(f"  - {m} - {base}: {d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] over {len(seeds)} seeds")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, m in enumerate(dict.fromkeys(m for m, _ in sorted(f, key=lambda k: list(reward.METHODS).index(k[0])))):
-        pts = sorted((kl(r), *win(r)) for (mm, _), r in f.items() if mm == m)
-        ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[[q[1] - q[2][0] for q in pts],
-                    [q[2][1] - q[1] for q in pts]], marker="o", capsize=3, color=f"C{i}", label=m)
-    for limit in limits:
-        ax.axvline(limit, color="grey", lw=0.5, ls=":")
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set_xlabel("KL to SFT per response (final policy, evaluation samples)")
-    ax.set_ylabel("win rate vs SFT (95% CI)")
-    ax.set_title(f"win rate / KL on the fresh seeds ({max(len(r) for r in f.values())} seeds)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close("all")
+    order = sorted(dict.fromkeys(m for m, _ in f), key=list(reward.METHODS).index)
+    win_kl_figure(path, {m: [(kl(r), *win(r), None) for (mm, _), r in f.items() if mm == m] for m in order},
+                  f"win rate / KL on the fresh seeds ({max(len(r) for r in f.values())} seeds)",
+                  "KL to SFT per response (final policy, evaluation samples)", limits)
     print("\n".join(lines))
     return lines
 
