@@ -257,7 +257,8 @@ def settings_points(folders):
             for path in sorted(glob.glob(os.path.join(d, "policies", "*.eval.json"))):
                 m, seed = os.path.basename(path).split(".")[0].rsplit("_seed", 1)
                 mine = {**cfg, **cfg["settings_by_method"].get(m, {})}
-                algo, keys = reward.METHODS[m].algo, SHOWN_DPO if reward.METHODS[m].algo == "dpo" else SHOWN_PPO[1:]
+                algo = reward.METHODS[m].algo
+                keys = SHOWN_DPO if algo == "dpo" else [k for k in SHOWN_PPO if k != "ppo_iters"] + ["ppo_iters"]
                 keys = [k for k in keys if k in mine and (k != "seq_weight" or "+" in reward.METHODS[m].reward)
                         and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")]
                 out.setdefault((m, ", ".join(f"{k} {mine[k]:g}" for k in keys)), {})[int(seed)] = json.load(open(path))

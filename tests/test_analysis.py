@@ -152,12 +152,12 @@ def test_budgets_choose_on_the_tuning_seed_and_pair_on_the_fresh_ones(tmp_path):
                              [str(tmp_path / "tune" / "a"), str(tmp_path / "tune" / "b")], limits=(0.5, 1.0, 1.5))
     text = "\n".join(lines)
     k05 = text.split("- KL <= 0.5:")[1].split("- KL <= 1:")[0]  # each method's only point within 0.5
-    assert "ppo (ppo_lr 1e-05, lam 0.95, beta 0.05) 0.250 at KL 0.50" in k05 and "fg_ppo - ppo: +0.750" in k05
+    assert "ppo (ppo_lr 1e-05, lam 0.95, beta 0.05, ppo_iters 80) 0.250 at KL 0.50" in k05 and "fg_ppo - ppo: +0.750" in k05
     # KL <= 1: fg_ppo at 3e-5 (it won on seed 7, though its 1e-5 point wins on the fresh seeds), ppo at
     # 1e-5 (its 3e-5 point is over the budget): 0.5 - 0.25
     k1 = text.split("- KL <= 1:")[1].split("- KL <= 1.5")[0]
-    assert "fg_ppo (ppo_lr 3e-05, lam 0.95, beta 0.05) 0.500 at KL 1.00" in k1 and "fg_ppo - ppo: +0.250" in k1
+    assert "fg_ppo (ppo_lr 3e-05, lam 0.95, beta 0.05, ppo_iters 80) 0.500 at KL 1.00" in k1 and "fg_ppo - ppo: +0.250" in k1
     k15 = text.split("- KL <= 1.5:")[1]
-    assert "ppo (ppo_lr 3e-05, lam 0.95, beta 0.05) 0.750 at KL 1.60" in k15 and "fg_ppo - ppo: -0.250" in k15
+    assert "ppo (ppo_lr 3e-05, lam 0.95, beta 0.05, ppo_iters 80) 0.750 at KL 1.60" in k15 and "fg_ppo - ppo: -0.250" in k15
     # the judge's curve peaked at 3.0 (iteration 2) and ended at 2.0; the proxy's mean rose from 1.5 (up to it) to 2.5
     assert text.count("| +1.00 / +1.00 |") == 4 and (tmp_path / "b.png").stat().st_size > 1000
