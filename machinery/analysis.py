@@ -339,6 +339,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", help="where to write the figure (default: <first folder>/<lab>.png)")
     ap.add_argument("--only", default="", help='only the points whose names hold these strings, e.g. "ppo_lr=3e-5 lam=1"')
     ap.add_argument("--tune", nargs="+", default=[], help="budgets: the tuning seed's folders, which choose the points")
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 1.0, 1.5], help="budgets: the KL budgets")
     args = ap.parse_args()
     out = args.out or os.path.join(args.folder[0], f"{args.lab}.png")
     if args.lab == "compare":
@@ -352,7 +353,7 @@ if __name__ == "__main__":
     if args.lab == "frontier":
         frontier(out, args.folder)
     elif args.lab == "budgets":
-        budgets(out, args.folder, args.tune)
+        budgets(out, args.folder, args.tune, args.budgets)
     else:
         LABS[args.lab](out, args.folder[0], args.only)
     print(out)
