@@ -16,6 +16,7 @@ import argparse
 import glob
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -303,7 +304,7 @@ def budgets(path, fresh, tune, limits=(0.5, 1.0, 1.5), base="ppo"):
         lines.append(f"| {m} | {st} | " + (f"{win(tr)[0]:.3f} ({kl(tr):.2f})" if tr else "-") + f" | {len(runs)} | "
                      f"{w:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {kl(runs):.2f} | {rate('wrong'):.3f} | {rate('missing'):.3f} | "
                      + " / ".join(f"{rate('wrong_' + k):.3f}" for k in ("first", "middle", "last"))
-                     + " | {:+.2f} / {:+.2f} |".format(*over_optimised(runs.values())))
+                     + " | " + " / ".join("-" if math.isnan(x) else f"{x:+.2f}" for x in over_optimised(runs.values())) + " |")
     lines += ["", f"At equal KL budget: each method's point chosen on the tuning seed (best win rate with KL <= "
                   f"the budget), reported on the fresh seeds; differences against {base}, paired:", ""]
     for limit in limits:
