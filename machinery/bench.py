@@ -4,6 +4,7 @@ Speed and memory figures, printed as JSON (never asserted in tests: machines are
     python -m machinery.bench                   # model figures at the default config
     python -m machinery.bench --pipeline=tiny   # also the whole pipeline of a preset: per stage, per PPO part
     python -m machinery.bench --preset=gpu --device=cpu   # a preset's model (default: default), on a device
+    python -m machinery.bench --steps=3      # fewer SFT steps timed (default 10), no generation without the cache
 
 - matmul_gflops_1_thread / _all_threads: this machine's fp32 matmul peak (2048 x 2048)
 - sft_step_*: one SFT step (forward + backward + AdamW) of the default model on random
@@ -96,7 +97,7 @@ def step(batch, split):
 
 for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
     torch.set_num_threads(n_threads)
-    batches = sft_batches()
+    batches = sft_batches(max(2, int(flags.get("steps", 10))))  # the first is a warm-up
     real = sum(len(x) for b in batches for x, _ in b) / len(batches)  # real tokens per batch
     for split in (False, True):
         positions = sum(step(b, split) for b in batches) / len(batches)
@@ -113,11 +114,12 @@ for n_threads, name in ((1, "1_thread"), (threads, "all_threads")):
 torch.set_num_threads(job_threads)
 model.eval()
 prompts = [[1 + (i % 7)] * (4 + i % 9) for i in range(32)]  # different lengths: left padding
-for use_cache in (True, False):
+for use_cache in (True, False) if "steps" not in flags else (True,):  # --steps: the cache's speed-up is not measured
     dt = timeit(lambda: model.generate(prompts, 128, eot=-1, pad=chat.pad, temperature=1.0,
                                        use_cache=use_cache), 2)
     out[f"gen_tokens_per_s_{'cache' if use_cache else 'nocache'}"] = 32 * 128 / dt
-out["cache_speedup"] = out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"]
+if "gen_tokens_per_s_nocache" in out:
+    out["cache_speedup"] = out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"]
 
 
 def memory_mb(pid):

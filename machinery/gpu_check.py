@@ -14,7 +14,7 @@ is spent the parts left are skipped and named as such.
            docs/real-data.md's 24 GB recipe with the critic, a few steps each: peak memory per stage.
 3. export  part 2's fine-grained PPO policy written as a Hugging Face directory and read by
            GPT2LMHeadModel on the GPU: its logits against ours.
-4. bench   `python -m machinery.bench --preset=gpu` on the GPU and on this machine's CPU.
+4. bench   `python -m machinery.bench --preset=gpu --steps=3` on the GPU and on this machine's CPU.
 5. nccl    `torchrun --nproc_per_node=2 train.py --preset=tiny` on 2 GPUs; with one GPU it is not
            run (two processes on one GPU would not test nccl), and the summary says so.
 
@@ -179,6 +179,8 @@ def main(argv):
     def gpu(limit):
         d = os.path.join(out, "gpu")
         r = run(py + ["train.py", "--preset=gpu", "--device=cuda", f"--out={d}"], limit, d + ".log")
+        r["files"] = sorted(os.path.relpath(p, d) for p in glob.glob(os.path.join(d, "**", "*.*"), recursive=True)
+                            if p.endswith((".pt", ".json")))  # how far it got, if it ran out of time
         if r["rc"] == 0:
             res = json.load(open(os.path.join(d, "results.json")))
             windows = stage_windows(res["timing_s"]["stages"], r["t_end"])
@@ -216,7 +218,7 @@ def main(argv):
         r = {}
         for dev in ("cuda", "cpu"):
             log = os.path.join(out, f"bench_{dev}.log")
-            r[dev] = run(py + ["-m", "machinery.bench", "--preset=gpu", f"--device={dev}"], limit / 2, log)
+            r[dev] = run(py + ["-m", "machinery.bench", "--preset=gpu", f"--device={dev}", "--steps=3"], limit / 2, log)
             text = open(log).read()
             r[dev]["figures"] = json.loads(text[text.index("{"):]) if r[dev]["rc"] == 0 else None
         return r
