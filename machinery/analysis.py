@@ -169,7 +169,7 @@ def frontier(path, folders, kl_tol=0.1):
 
 def win_kl_figure(path, series, title, xlabel="KL to SFT per response", budgets=()):
     """Win rate against SFT (95% CI) against KL, a line per method: series {method: [(KL, win
-    rate, CI, label or None)]}; dotted lines at the KL budgets."""
+    rate, CI, label or None)]}; dotted lines at the KL budgets, and the axis cut a little beyond them."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, (m, pts) in enumerate(series.items()):
@@ -181,6 +181,10 @@ def win_kl_figure(path, series, title, xlabel="KL to SFT per response", budgets=
                 ax.annotate(label, (kl, w), fontsize=6, xytext=(3, -9), textcoords="offset points")
     for limit in budgets:
         ax.axvline(limit, color="grey", lw=0.5, ls=":")
+    if budgets:  # the budgets' range; a point far beyond it (a DPO run that ran away) would squash the rest
+        far = [f"{m} at KL {q[0]:.1f}" for m, pts in series.items() for q in pts if q[0] > 1.3 * max(budgets)]
+        ax.set_xlim(0, 1.3 * max(budgets))
+        title += f"\n(not shown: {', '.join(far)})" if far else ""
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("win rate vs SFT (95% CI)")
