@@ -103,7 +103,8 @@ PRESETS = {
 # records what each method ran with (config["settings_by_method"]).
 TUNED = {"ppo": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "fg_ppo": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
-         "fg_ppo_seq": dict(ppo_lr=3e-5, lam=0.95, beta=0.05, seq_weight=1.0),  # fg_ppo's; seq_weight: issue 30
+         "fg_ppo_seq": dict(ppo_lr=3e-5, lam=0.95, beta=0.05, seq_weight=1.0),  # fg_ppo's, and seq_weight {0.5, 1, 2}
+                                                                               # on seed 7 (docs/results.md: KL budgets)
          "ppo_edits": dict(ppo_lr=1e-5, lam=1.0, beta=0.02),
          "oracle_ppo": dict(ppo_lr=3e-5, lam=1.0, beta=0.05),
          "oracle_fg": dict(ppo_lr=3e-5, lam=0.95, beta=0.05),
