@@ -30,6 +30,7 @@ def qa_items():
 def test_write_gpt2_fills_the_vocabulary_with_valid_merges(tmp_path):
     """A BPE too small for the vocabulary is filled up to exactly vocab - 1 tokens (then
     <|endoftext|>), and the directory's vocab.json + merges.txt read back to the same ranks."""
+    pytest.importorskip("transformers")
     texts = [f"The {a} eats grass." for a in ANIMALS]
     path = gpu_check.write_gpt2(str(tmp_path / "g"), texts, n_layer=1, n_head=1, n_embd=8, n_positions=32, vocab=700)
     ranks = tok.gpt2_ranks(path)
@@ -55,6 +56,7 @@ def test_smoke_runs_the_gpt2_recipe_and_the_export_on_the_cpu(tmp_path):
     """--smoke: every stage of the GPT-2 recipe (SFT, the judge and the reward models, PPO with its
     critic, fine-grained PPO, DPO) on a GPT-2-shaped random checkpoint and QA-Feedback-shaped data,
     and the fine-grained PPO policy exported and read by GPT2LMHeadModel: the same logits."""
+    pytest.importorskip("transformers")
     qa = tmp_path / "dev_feedback.json"
     json.dump(qa_items(), open(qa, "w"))
     p = subprocess.run([sys.executable, "-m", "machinery.gpu_check", "--smoke", f"--qa={qa}", f"--out={tmp_path / 'o'}"],
