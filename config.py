@@ -141,15 +141,20 @@ def tuned_note(field):
     return f"; tuned per method (config.TUNED): {', '.join(per)}" if per else ""
 
 
+def shown_settings(m):
+    """The settings of SHOWN_PPO or SHOWN_DPO that method m runs with: DPO has its own; RLOO has
+    no lam, and only RLOO an rloo_k; only a method that adds two rewards a seq_weight."""
+    method = reward.METHODS[m]
+    if method.algo == "dpo":
+        return list(SHOWN_DPO)
+    return [k for k in SHOWN_PPO if (k != "rloo_k" or method.algo == "rloo") and (k != "lam" or method.algo == "ppo")
+            and (k != "seq_weight" or "+" in method.reward)]
+
+
 def settings_table(rows):
     """Markdown lines: each method's algorithm, what it learns from, and the settings it runs
     with, from rows {method: {setting: value}} (its PPOConfig's or DPOConfig's fields)."""
-    def used(m, k):  # DPO has its own settings; RLOO has no lam, and only RLOO an rloo_k
-        algo = reward.METHODS[m].algo
-        if algo == "dpo":
-            return k in SHOWN_DPO
-        return (k in SHOWN_PPO and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")
-                and (k != "seq_weight" or "+" in reward.METHODS[m].reward))
+    used = lambda m, k: k in shown_settings(m)
     keys = [k for k in SHOWN_PPO + SHOWN_DPO if any(used(m, k) for m in rows)]
     lines = ["| method | algorithm | learns from | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 3) + "|"]
     for m, r in rows.items():

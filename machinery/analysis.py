@@ -252,9 +252,9 @@ def runs(folders, a="fg_ppo", b="ppo"):
 def settings_points(folders):
     """{(method, settings): {seed: its final evaluation}} of every finished policy run in folders
     (runs or --sweep folders, finished or not): a point is named by the settings its method ran
-    with (config.SHOWN_PPO or SHOWN_DPO, from config.json), so the same point can be found in
+    with (config.shown_settings, from config.json), so the same point can be found in
     the folders of the tuning seed and of the fresh seeds whatever their names."""
-    from config import SHOWN_DPO, SHOWN_PPO
+    from config import shown_settings
     out = {}
     for folder in folders:
         for d in run_points(folder).values():
@@ -262,10 +262,7 @@ def settings_points(folders):
             for path in sorted(glob.glob(os.path.join(d, "policies", "*.eval.json"))):
                 m, seed = os.path.basename(path).split(".")[0].rsplit("_seed", 1)
                 mine = {**cfg, **cfg["settings_by_method"].get(m, {})}
-                algo = reward.METHODS[m].algo
-                keys = SHOWN_DPO if algo == "dpo" else [k for k in SHOWN_PPO if k != "ppo_iters"] + ["ppo_iters"]
-                keys = [k for k in keys if k in mine and (k != "seq_weight" or "+" in reward.METHODS[m].reward)
-                        and (k != "rloo_k" or algo == "rloo") and (k != "lam" or algo == "ppo")]
+                keys = sorted((k for k in shown_settings(m) if k in mine), key=lambda k: k == "ppo_iters")  # it last
                 out.setdefault((m, ", ".join(f"{k} {mine[k]:g}" for k in keys)), {})[int(seed)] = json.load(open(path))
     return out
 
@@ -295,8 +292,7 @@ def budgets(path, fresh, tune, limits=(0.5, 1.0, 1.5), base="ppo"):
     facts by third, over-optimisation; the figure (win rate against KL on the fresh seeds) at
     path. Returns the printed lines."""
     t, f = settings_points(tune), settings_points(fresh)
-    if len({open(os.path.join(os.path.dirname(os.path.dirname(p)), "eval", "refs.json")).read() for folder in fresh
-            for d in run_points(folder).values() for p in glob.glob(os.path.join(d, "policies", "*.eval.json"))}) > 1:
+    if len({open(os.path.join(d, "eval", "refs.json")).read() for folder in fresh for d in run_points(folder).values()}) > 1:
         sys.exit("error: the fresh folders do not share one evaluation set; their win rates cannot be paired")
     win = lambda runs: pooled([r["wins"] for r in runs.values()])
     kl = lambda runs: mean([r["kl_eval"] for r in runs.values()])
